@@ -1,0 +1,1 @@
+"""Built-in blockprune adapters, registered through the same plugin hooks as third-party ones."""

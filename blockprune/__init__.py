@@ -1,0 +1,36 @@
+"""blockprune: make diffusion transformers faster by replacing whole blocks with fitted linear layers."""
+
+from .adapter import Adapter, Block, BlockSpec
+from .compress import compress
+from .errors import BlockpruneError, NonFiniteActivationError, NotResidualError
+from .fit import IllConditionedWarning
+from .hookspecs import hookimpl
+from .inspection import inspect
+from .metrics import Metric
+from .plan import Plan, plan
+from .plugins import register_plugin, unregister_plugin
+from .serialization import from_pretrained, save_pretrained
+from .surrogate import LinearSurrogate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "Block",
+    "BlockSpec",
+    "BlockpruneError",
+    "IllConditionedWarning",
+    "LinearSurrogate",
+    "Metric",
+    "NonFiniteActivationError",
+    "NotResidualError",
+    "Plan",
+    "compress",
+    "from_pretrained",
+    "hookimpl",
+    "inspect",
+    "plan",
+    "register_plugin",
+    "save_pretrained",
+    "unregister_plugin",
+]

@@ -1,0 +1,55 @@
+"""FLOP counts from torch's FLOP counter, for the whole model and per block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+from .calibration import run_model
+from .hooks import attached
+
+_CPU_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+if _CPU_ATTENTION is not None and _CPU_ATTENTION not in flop_counter.flop_registry:
+    # torch counts the GPU attention kernels but not the CPU one; count it the same way.
+    @flop_counter.register_flop_formula(_CPU_ATTENTION)
+    def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(model: nn.Module, batch: dict[str, Any]) -> int:
+    """FLOPs of one forward of ``model`` on ``batch``."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run_model(model, batch, 0)
+    return int(counter.get_total_flops())
+
+
+def block_flops(model: nn.Module, names: list[str], batch: dict[str, Any]) -> dict[str, int]:
+    """FLOPs of each module in ``names`` on the inputs it receives during a forward on ``batch``.
+
+    Each module runs once more on its own under the counter (its forward called directly, so hooks do
+    not fire again); torch's per-module breakdown misses ops inside attention processors.
+    """
+    counts: dict[str, int] = {}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                module.forward(*args, **kwargs)
+            counts[name] = counts.get(name, 0) + int(counter.get_total_flops())
+
+        return hook
+
+    with attached(model, {name: make_hook(name) for name in names}, pre=True):
+        run_model(model, batch, 0)
+    return counts
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (shared ones counted once)."""
+    return sum(p.numel() for p in model.parameters())

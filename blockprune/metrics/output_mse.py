@@ -1,0 +1,35 @@
+"""The ``output_mse`` metric: one-step output distortion when a block's residual branch is skipped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..calibration import output_tensor, run_model
+from ..hookspecs import hookimpl
+from .base import Metric, ScoringContext
+
+
+class OutputMSE(Metric):
+    """Relative squared error of the model's output on the calibration inputs: ``Σ‖ŷ − y‖² / Σ‖y‖²``."""
+
+    name = "output_mse"
+    higher_is_better = False
+    cost = "forward"
+
+    def prepare(self, context: ScoringContext) -> list[torch.Tensor]:
+        return [output_tensor(run_model(context.model, b, i)).float() for i, b in enumerate(context.batches)]
+
+    def evaluate(self, context: ScoringContext, state: Any) -> float:
+        error = reference = 0.0
+        for index, (batch, expected) in enumerate(zip(context.batches, state)):
+            got = output_tensor(run_model(context.model, batch, index)).float()
+            error += float(((got - expected) ** 2).sum())
+            reference += float((expected**2).sum())
+        return error / reference if reference > 0 else error
+
+
+@hookimpl
+def blockprune_register_metrics(register) -> None:
+    register(OutputMSE())

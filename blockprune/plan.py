@@ -1,0 +1,91 @@
+"""The compression plan: what was replaced, why, and what it saved. Kept on the model and saved with it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import BlockpruneError
+
+PLAN_ATTRIBUTE = "_blockprune_plan"
+
+
+@dataclass
+class StreamReport:
+    """Least-squares diagnostics for one stream of a replaced block."""
+
+    dim: int
+    relative_error: float
+    condition_number: float
+    tokens: int
+
+
+@dataclass
+class ReplacedBlock:
+    """One replaced block: its path, class, stream spec and fit diagnostics."""
+
+    name: str
+    kind: str
+    spec: dict[str, Any]
+    streams: dict[str, StreamReport]
+    score: float | None = None
+
+
+@dataclass
+class Plan:
+    """Replaced blocks in order, per-block scores and fit errors, parameter and FLOP counts before and after."""
+
+    adapter: str
+    ratio: float
+    order: str | list[str]
+    blocks: list[str]
+    replaced: list[ReplacedBlock] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    metric_values: dict[str, dict[str, float]] = field(default_factory=dict)
+    importance: dict[str, float] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int | None = None
+    flops_after: int | None = None
+    seed: int = 0
+
+    @property
+    def replaced_names(self) -> list[str]:
+        """Names of the replaced blocks, in replacement order."""
+        return [r.name for r in self.replaced]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """The inverse of :meth:`to_dict`."""
+        data = dict(data)
+        data["replaced"] = [
+            ReplacedBlock(**{**r, "streams": {s: StreamReport(**v) for s, v in r["streams"].items()}})
+            for r in data.get("replaced", [])
+        ]
+        return cls(**data)
+
+
+def transformer_of(model: Any) -> nn.Module:
+    """The transformer itself, given a transformer or a diffusers pipeline holding one as ``.transformer``."""
+    if isinstance(model, nn.Module):
+        return model
+    transformer = getattr(model, "transformer", None)
+    if isinstance(transformer, nn.Module):
+        return transformer
+    raise BlockpruneError(
+        f"expected a torch model or a diffusers pipeline with a .transformer, got {type(model).__name__}"
+    )
+
+
+def plan(model: Any) -> Plan:
+    """The plan of a model (or pipeline) compressed by :func:`blockprune.compress` or loaded by ``from_pretrained``."""
+    found = getattr(transformer_of(model), PLAN_ATTRIBUTE, None)
+    if found is None:
+        raise BlockpruneError(f"{type(model).__name__} was not compressed by blockprune; it has no plan")
+    return found

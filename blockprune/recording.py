@@ -1,0 +1,94 @@
+"""Streaming normal-equation accumulators, fed by forward hooks on a block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import Block, bind_inputs
+from .calibration import StopForward, run_model
+from .errors import NonFiniteActivationError
+from .hooks import attached
+
+
+class StreamAccumulator:
+    """Running sums for the least-squares fit of one stream: ``ZᵀZ`` and ``ZᵀR`` with ``Z = [X, 1]``, ``R = Y − X``.
+
+    Memory is O(d²) whatever the number of tokens or batches; sums are kept in float64.
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        kwargs = {"dtype": torch.float64, "device": device}
+        self.dim = dim
+        self.xtx = torch.zeros(dim, dim, **kwargs)
+        self.xtr = torch.zeros(dim, dim, **kwargs)
+        self.x_sum = torch.zeros(dim, **kwargs)
+        self.r_sum = torch.zeros(dim, **kwargs)
+        self.r_squared = torch.zeros((), **kwargs)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add the tokens of one batch: ``x`` the block's input stream, ``y`` its output stream."""
+        device = self.xtx.device
+        x = x.detach().reshape(-1, self.dim).to(device=device, dtype=torch.float64)
+        r = y.detach().reshape(-1, self.dim).to(device=device, dtype=torch.float64) - x
+        self.xtx.addmm_(x.T, x)
+        self.xtr.addmm_(x.T, r)
+        self.x_sum += x.sum(0)
+        self.r_sum += r.sum(0)
+        self.r_squared += (r * r).sum()
+        self.tokens += x.shape[0]
+
+    def normal_equations(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(ZᵀZ, ZᵀR, ‖R‖²)`` with the bias column last."""
+        n = torch.tensor([[float(self.tokens)]], dtype=torch.float64, device=self.xtx.device)
+        ztz = torch.cat([torch.cat([self.xtx, self.x_sum[:, None]], 1), torch.cat([self.x_sum[None], n], 1)], 0)
+        ztr = torch.cat([self.xtr, self.r_sum[None]], 0)
+        return ztz, ztr, float(self.r_squared)
+
+
+def _stream_pairs(block: Block, bound: dict[str, Any], output: Any):
+    if isinstance(block.spec.outputs, str):
+        yield block.spec.outputs, bound[block.spec.outputs], output
+        return
+    for position, stream in enumerate(block.spec.outputs):
+        if stream is not None:
+            yield stream, bound[stream], output[position]
+
+
+def record_block(
+    model: nn.Module,
+    block: Block,
+    batches: list[dict[str, Any]],
+    device: torch.device | str | None = None,
+    stop_early: bool = True,
+) -> dict[str, StreamAccumulator]:
+    """Run ``batches`` through ``model`` and accumulate the normal equations of every stream of ``block``.
+
+    Accumulators live on ``device`` (default: the block's device). With ``stop_early`` the forward stops
+    right after the block, since nothing downstream is needed.
+    """
+    module = model.get_submodule(block.name)
+    if device is None:
+        device = next(module.parameters()).device
+    accumulators = {s: StreamAccumulator(d, device) for s, d in block.stream_dims.items()}
+    current = {"batch": 0}
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        for stream, x, y in _stream_pairs(block, bind_inputs(mod, args, kwargs), output):
+            if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+                raise NonFiniteActivationError(
+                    f"NaN or Inf in stream {stream!r} of block {block.name} (calibration batch {current['batch']}); "
+                    f"check the calibration inputs and the model's dtype (float16 overflows easily: try bfloat16)"
+                )
+            accumulators[stream].update(x, y)
+        if stop_early:
+            raise StopForward
+
+    with attached(model, {block.name: hook}):
+        for index, batch in enumerate(batches):
+            current["batch"] = index
+            run_model(model, batch, index)
+    return accumulators

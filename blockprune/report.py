@@ -1,0 +1,73 @@
+"""Rich progress bars and the plan table."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich import box
+from rich.table import Table
+
+from .plan import Plan
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[Progress]:
+    """A rich progress display (one bar per phase), silent when ``enabled`` is false."""
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled
+    )
+    with progress:
+        yield progress
+
+
+def _count(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value:.0f}"
+
+
+def _ratio(after: float | None, before: float | None) -> str:
+    return f" ({after / before:.1%})" if after is not None and before else ""
+
+
+def plan_table(plan: Plan) -> Table:
+    """The plan as a rich table: one row per replaced block, totals in the caption."""
+    table = Table(
+        title=f"blockprune plan: {len(plan.replaced)} of {len(plan.blocks)} blocks replaced ({plan.adapter})",
+        box=box.SIMPLE,
+    )
+    for column in ("#", "block", "stream", "importance", "fit error", "cond."):
+        table.add_column(column, justify="left" if column in ("block", "stream") else "right", no_wrap=True)
+    for index, block in enumerate(plan.replaced, 1):
+        for position, (stream, report) in enumerate(block.streams.items()):
+            first = position == 0
+            score = "-" if block.score is None else f"{block.score:.4f}"
+            table.add_row(
+                str(index) if first else "",
+                block.name if first else "",
+                stream,
+                score if first else "",
+                f"{report.relative_error:.4f}",
+                f"{report.condition_number:.3g}",
+            )
+    table.caption = (
+        f"parameters {_count(plan.params_before)} → {_count(plan.params_after)}"
+        f"{_ratio(plan.params_after, plan.params_before)}; FLOPs {_count(plan.flops_before)} → "
+        f"{_count(plan.flops_after)}{_ratio(plan.flops_after, plan.flops_before)}"
+    )
+    return table
+
+
+def print_plan(plan: Plan, console: Console | None = None) -> None:
+    """Print the plan table (120 columns wide when output is not a terminal, so logs keep full names)."""
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=120)
+    console.print(plan_table(plan))

@@ -1,0 +1,178 @@
+"""Saving a compressed model as safetensors plus ``blockprune.json``, and rebuilding it."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file, save_file
+
+from .adapter import BlockSpec
+from .blocks import set_submodule
+from .errors import BlockpruneError
+from .plan import PLAN_ATTRIBUTE, Plan, plan, transformer_of
+from .surrogate import LinearSurrogate
+
+FORMAT_VERSION = 1
+MANIFEST = "blockprune.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def save_pretrained(model: Any, directory: str | os.PathLike, max_shard_bytes: int = 10 * 2**30) -> None:
+    """Write a compressed transformer (or a pipeline's) to ``directory``.
+
+    Files: the diffusers ``config.json`` of the base model, safetensors with the kept blocks' and the
+    surrogates' weights (none of the replaced blocks'), sharded past ``max_shard_bytes``, and
+    ``blockprune.json`` (format version, adapter, replaced blocks with their stream shapes, dtype, plan).
+    """
+    transformer = transformer_of(model)
+    compressed = plan(transformer)
+    if not hasattr(transformer, "save_config"):
+        raise BlockpruneError(
+            f"save_pretrained needs a diffusers model with a config (ConfigMixin); {type(transformer).__name__} has none"
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    transformer.save_config(directory)
+    seen: dict[int, str] = {}
+    state = {}
+    for key, tensor in transformer.state_dict().items():
+        tensor = tensor.detach().contiguous().cpu()
+        state[key] = tensor.clone() if tensor.data_ptr() in seen else tensor
+        seen[tensor.data_ptr()] = key
+    shards = _shards(state, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], directory / WEIGHTS, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for number, shard in enumerate(shards, 1):
+            filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / filename, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, filename))
+        (directory / INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=2))
+    replaced = []
+    for entry in compressed.replaced:
+        surrogate = transformer.get_submodule(entry.name)
+        shapes = {s: list(linear.weight.shape) for s, linear in surrogate.linears.items()}
+        replaced.append({"name": entry.name, "kind": entry.kind, "spec": entry.spec, "streams": shapes})
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "adapter": compressed.adapter,
+        "model_class": f"{type(transformer).__module__}:{type(transformer).__qualname__}",
+        "dtype": _dtype_name(next(transformer.parameters()).dtype),
+        "replaced": replaced,
+        "plan": compressed.to_dict(),
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise BlockpruneError(f"{directory} is not a folder; pass the folder written by blockprune.save_pretrained")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise BlockpruneError(f"{directory} was not written by blockprune.save_pretrained: it has no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise BlockpruneError(f"{path} is not valid JSON ({error}); the folder is damaged") from error
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BlockpruneError(f"{path} has format version {version}; this blockprune reads version {FORMAT_VERSION}")
+    return manifest
+
+
+def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / INDEX).is_file():
+        files = sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))
+    else:
+        files = [WEIGHTS]
+    state = {}
+    for filename in files:
+        if not (directory / filename).is_file():
+            raise BlockpruneError(f"{directory} lacks {filename}; the folder is incomplete, save the model again")
+        state.update(load_file(directory / filename))
+    return state
+
+
+def _model_class(name: str) -> type:
+    module_name, _, qualname = name.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as error:
+        raise BlockpruneError(f"cannot import the model class {name} named in {MANIFEST}: {error}") from error
+    return target
+
+
+def _check_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        problems = [f"missing {', '.join(missing[:5])}" if missing else "", f"unexpected {', '.join(unexpected[:5])}" if unexpected else ""]
+        raise BlockpruneError(
+            f"the tensors in {directory} do not match its {MANIFEST}: {'; '.join(p for p in problems if p)}"
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise BlockpruneError(
+                f"tensor {key} in {directory} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(expected[key].shape)}"
+            )
+
+
+def from_pretrained(
+    directory: str | os.PathLike, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> torch.nn.Module:
+    """Rebuild a model written by :func:`save_pretrained`, without materialising the replaced blocks' weights.
+
+    Put it back into a pipeline with ``pipe.transformer = blockprune.from_pretrained(folder)``.
+    """
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    cls = _model_class(manifest["model_class"])
+    config = cls.load_config(directory)
+    with init_empty_weights():
+        model = cls.from_config(config)
+    for entry in manifest["replaced"]:
+        block = model.get_submodule(entry["name"])
+        if type(block).__name__ != entry["kind"]:
+            raise BlockpruneError(
+                f"{MANIFEST} says {entry['name']} is a {entry['kind']}, the model has a {type(block).__name__}"
+            )
+        dims = {s: shape[1] for s, shape in entry["streams"].items()}
+        set_submodule(model, entry["name"], LinearSurrogate.for_block(block, BlockSpec.from_dict(entry["spec"]), dims))
+    state = _load_weights(directory)
+    _check_tensors(model, state, directory)
+    model.load_state_dict(state, strict=True, assign=True)
+    if torch_dtype is not None:
+        model.to(torch_dtype)
+    if device is not None:
+        model.to(device)
+    setattr(model, PLAN_ATTRIBUTE, Plan.from_dict(manifest["plan"]))
+    return model.eval()

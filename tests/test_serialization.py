@@ -1,0 +1,150 @@
+"""save_pretrained / from_pretrained: files, exact round trip, meta device, bad folders."""
+
+import json
+
+import pytest
+import torch
+from conftest import MODELS, flux_batches, make_flux
+from safetensors.torch import load_file, save_file
+
+import blockprune
+from blockprune import LinearSurrogate
+from blockprune.calibration import output_tensor
+from blockprune.errors import BlockpruneError
+
+
+def _compressed(name="flux", ratio=0.5):
+    make, batches = MODELS[name]
+    model = make()
+    blockprune.compress(model, adapter=name, ratio=ratio, calibration=batches(4), sandwich=False, progress=False,
+                        order="start2end")
+    return model, batches(2, seed=3)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_round_trip_is_exact(name, tmp_path):
+    model, held_out = _compressed(name)
+    blockprune.save_pretrained(model, tmp_path)
+    loaded = blockprune.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        for batch in held_out:
+            assert torch.equal(output_tensor(loaded(**batch)), output_tensor(model(**batch)))
+    assert blockprune.plan(loaded).replaced_names == blockprune.plan(model).replaced_names
+    for name_ in blockprune.plan(loaded).replaced_names:
+        assert isinstance(loaded.get_submodule(name_), LinearSurrogate)
+
+
+def test_files_hold_surrogates_not_replaced_blocks(tmp_path):
+    model, _ = _compressed("flux")
+    blockprune.save_pretrained(model, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors", "blockprune.json"}
+    keys = load_file(tmp_path / "model.safetensors").keys()
+    assert not any(k.startswith("transformer_blocks.0.") and ".linears." not in k for k in keys)
+    assert "transformer_blocks.0.linears.hidden_states.weight" in keys
+    assert any(k.startswith("single_transformer_blocks.0.attn.") for k in keys)  # kept block
+    manifest = json.loads((tmp_path / "blockprune.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["adapter"] == "flux" and manifest["dtype"] == "float32"
+    assert manifest["replaced"][0] == {
+        "name": "transformer_blocks.0",
+        "kind": "FluxTransformerBlock",
+        "spec": {"outputs": ["encoder_hidden_states", "hidden_states"], "kept_submodules": []},
+        "streams": {"encoder_hidden_states": [16, 16], "hidden_states": [16, 16]},
+    }
+    assert manifest["plan"]["replaced"][0]["name"] == "transformer_blocks.0"
+
+
+def test_dit_block_zero_keeps_the_embedding_through_save_and_load(tmp_path):
+    model, held_out = _compressed("dit", ratio=0.25)
+    assert blockprune.plan(model).replaced_names == ["transformer_blocks.0"]
+    assert hasattr(model.transformer_blocks[0], "norm1")
+    blockprune.save_pretrained(model, tmp_path)
+    loaded = blockprune.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(output_tensor(loaded(**held_out[0])), output_tensor(model(**held_out[0])))
+
+
+def test_replaced_blocks_are_never_materialised(tmp_path, monkeypatch):
+    model, _ = _compressed("flux")
+    blockprune.save_pretrained(model, tmp_path)
+    created = []
+    original_init = torch.nn.Linear.__init__
+
+    def spy(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        created.append(self.weight.device.type)
+
+    monkeypatch.setattr(torch.nn.Linear, "__init__", spy)
+    blockprune.from_pretrained(tmp_path)
+    assert created and set(created) == {"meta"}
+
+
+def test_dtype_and_device_options(tmp_path):
+    model, held_out = _compressed("flux")
+    blockprune.save_pretrained(model, tmp_path)
+    loaded = blockprune.from_pretrained(tmp_path, torch_dtype=torch.bfloat16, device="cpu")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+
+
+def test_sharded_round_trip(tmp_path):
+    model, held_out = _compressed("flux")
+    blockprune.save_pretrained(model, tmp_path, max_shard_bytes=20_000)
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").is_file()
+    loaded = blockprune.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(output_tensor(loaded(**held_out[0])), output_tensor(model(**held_out[0])))
+
+
+def test_pipeline_round_trip_into_a_pipeline_slot(tmp_path):
+    model, held_out = _compressed("flux")
+    blockprune.save_pretrained(model, tmp_path)
+
+    class Holder:
+        transformer = None
+
+    holder = Holder()
+    holder.transformer = blockprune.from_pretrained(tmp_path)
+    assert blockprune.plan(holder).replaced_names == ["transformer_blocks.0", "transformer_blocks.1"]
+
+
+def test_folder_not_written_by_blockprune(tmp_path):
+    make_flux().save_pretrained(tmp_path)  # a plain diffusers folder
+    with pytest.raises(BlockpruneError, match="not written by blockprune.save_pretrained: it has no blockprune.json"):
+        blockprune.from_pretrained(tmp_path)
+    with pytest.raises(BlockpruneError, match="is not a folder"):
+        blockprune.from_pretrained(tmp_path / "nope")
+
+
+def test_missing_and_mismatched_tensors_are_named(tmp_path):
+    model, _ = _compressed("flux")
+    blockprune.save_pretrained(model, tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    key = "transformer_blocks.0.linears.hidden_states.weight"
+
+    save_file({k: v for k, v in weights.items() if k != key}, tmp_path / "model.safetensors")
+    with pytest.raises(BlockpruneError, match=f"missing {key}"):
+        blockprune.from_pretrained(tmp_path)
+
+    save_file({**weights, key: torch.zeros(3, 3)}, tmp_path / "model.safetensors")
+    with pytest.raises(BlockpruneError, match=rf"tensor {key} .* has shape \(3, 3\), the model expects \(16, 16\)"):
+        blockprune.from_pretrained(tmp_path)
+
+    save_file({**weights, "extra.weight": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(BlockpruneError, match="unexpected extra.weight"):
+        blockprune.from_pretrained(tmp_path)
+
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(BlockpruneError, match="lacks model.safetensors"):
+        blockprune.from_pretrained(tmp_path)
+
+
+def test_bad_manifest_version_and_uncompressed_model(tmp_path):
+    model, _ = _compressed("flux")
+    blockprune.save_pretrained(model, tmp_path)
+    manifest = json.loads((tmp_path / "blockprune.json").read_text())
+    (tmp_path / "blockprune.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(BlockpruneError, match="format version 99"):
+        blockprune.from_pretrained(tmp_path)
+    with pytest.raises(BlockpruneError, match="was not compressed by blockprune"):
+        blockprune.save_pretrained(make_flux(), tmp_path / "other")
