@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 
+import torch
 from torch import nn
 
 from blockprune import Adapter, BlockSpec, hookimpl
@@ -29,14 +30,28 @@ class DiTAdapter(Adapter):
         return BlockSpec(outputs="hidden_states", kept_submodules=kept)
 
     def run_pipeline(self, pipe, prompt, generator, num_inference_steps) -> None:
-        # DiT is conditioned on a class label, not text: use the prompt's label when the pipeline knows
-        # it, else derive a stable label from the prompt.
-        labels = getattr(pipe, "labels", None) or {}
-        if prompt in labels:
-            label = labels[prompt]
-        else:
-            label = zlib.crc32(prompt.encode()) % pipe.transformer.config.num_embeds_ada_norm
-        pipe(class_labels=[label], num_inference_steps=num_inference_steps, generator=generator, output_type="np")
+        pipe(class_labels=[class_label(pipe, prompt)], num_inference_steps=num_inference_steps, generator=generator,
+             output_type="np")
+
+    def generate(self, source, prompts, seeds, num_inference_steps) -> torch.Tensor:
+        if isinstance(source, nn.Module):
+            return super().generate(source, prompts, seeds, num_inference_steps)  # explains what is missing
+        images = []
+        for prompt in prompts:
+            for seed in seeds:
+                generator = torch.Generator("cpu").manual_seed(seed)
+                output = source(class_labels=[class_label(source, prompt)], num_inference_steps=num_inference_steps,
+                                generator=generator, output_type="np")
+                images.append(torch.from_numpy(output.images).permute(0, 3, 1, 2))
+        return torch.cat(images)
+
+
+def class_label(pipe, prompt: str) -> int:
+    """DiT is conditioned on a class, not text: the prompt's label if the pipeline knows it, else a stable hash."""
+    labels = getattr(pipe, "labels", None) or {}
+    if prompt in labels:
+        return labels[prompt]
+    return zlib.crc32(prompt.encode()) % pipe.transformer.config.num_embeds_ada_norm
 
 
 @hookimpl

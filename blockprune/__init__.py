@@ -8,6 +8,7 @@ from .hookspecs import hookimpl
 from .inspection import inspect
 from .metrics import Metric
 from .plan import Plan, plan
+from .ranking import ImportanceTable, importance
 from .plugins import register_plugin, unregister_plugin
 from .serialization import from_pretrained, save_pretrained
 from .surrogate import LinearSurrogate
@@ -20,6 +21,7 @@ __all__ = [
     "BlockSpec",
     "BlockpruneError",
     "IllConditionedWarning",
+    "ImportanceTable",
     "LinearSurrogate",
     "Metric",
     "NonFiniteActivationError",
@@ -28,6 +30,7 @@ __all__ = [
     "compress",
     "from_pretrained",
     "hookimpl",
+    "importance",
     "inspect",
     "plan",
     "register_plugin",

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .errors import BlockpruneError
+
 if TYPE_CHECKING:
     from .trace import Trace
 
@@ -106,6 +108,25 @@ class Adapter:
     def run_pipeline(self, pipe: Any, prompt: str, generator: torch.Generator, num_inference_steps: int) -> None:
         """Run ``pipe`` once on ``prompt``; used to record calibration inputs from a pipeline."""
         pipe(prompt=prompt, num_inference_steps=num_inference_steps, generator=generator, output_type="latent")
+
+    def generate(self, source: Any, prompts: list[str], seeds: list[int], num_inference_steps: int) -> torch.Tensor:
+        """Images for each prompt and seed (prompt-major), ``(N, 3, H, W)`` in [0, 1], for generation metrics.
+
+        ``source`` is the pipeline holding the model, or the bare model when there is none. This default
+        calls a diffusers text-to-image pipeline; adapters of models that sample otherwise override it.
+        """
+        if isinstance(source, nn.Module):
+            raise BlockpruneError(
+                f"the {self.name!r} adapter cannot generate images from a bare {type(source).__name__}: pass the "
+                f"pipeline that holds it (its .transformer), or use a forward metric such as output_mse"
+            )
+        images = []
+        for prompt in prompts:
+            for seed in seeds:
+                generator = torch.Generator("cpu").manual_seed(seed)
+                output = source(prompt=prompt, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
+                images.append(output.images)
+        return torch.cat(images)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -19,6 +19,10 @@ DEFAULT_PLUGINS = (
     "blockprune_adapters.dit",
     "blockprune_adapters.generic",
     "blockprune.metrics.output_mse",
+    "blockprune.metrics.block_influence",
+    "blockprune.metrics.fit_residual",
+    "blockprune.metrics.fid",
+    "blockprune.metrics.clip",
 )
 
 _manager: pluggy.PluginManager | None = None

@@ -49,7 +49,8 @@ class StreamAccumulator:
         return ztz, ztr, float(self.r_squared)
 
 
-def _stream_pairs(block: Block, bound: dict[str, Any], output: Any):
+def stream_pairs(block: Block, bound: dict[str, Any], output: Any):
+    """``(stream, input, output)`` for each stream of ``block`` in one call."""
     if isinstance(block.spec.outputs, str):
         yield block.spec.outputs, bound[block.spec.outputs], output
         return
@@ -77,7 +78,7 @@ def record_block(
     current = {"batch": 0}
 
     def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        for stream, x, y in _stream_pairs(block, bind_inputs(mod, args, kwargs), output):
+        for stream, x, y in stream_pairs(block, bind_inputs(mod, args, kwargs), output):
             if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
                 raise NonFiniteActivationError(
                     f"NaN or Inf in stream {stream!r} of block {block.name} (calibration batch {current['batch']}); "

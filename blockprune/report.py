@@ -64,10 +64,12 @@ def plan_table(plan: Plan) -> Table:
     return table
 
 
-def print_plan(plan: Plan, console: Console | None = None) -> None:
-    """Print the plan table (120 columns wide when output is not a terminal, so logs keep full names)."""
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=120)
-    console.print(plan_table(plan))
+def output_console() -> Console:
+    """A console for tables: 120 columns wide when output is not a terminal, so logs keep full names."""
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
+def print_plan(plan: Plan) -> None:
+    """Print the plan table."""
+    output_console().print(plan_table(plan))

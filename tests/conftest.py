@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["BLOCKPRUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="blockprune-test-cache-")
 
 import pytest
 import torch

@@ -99,9 +99,9 @@ def test_order_with_unknown_block_and_too_few_names():
 
 
 def test_unknown_option_and_metric():
-    with pytest.raises(BlockpruneError, match="unknown compress option 'ridg'; options: ridge"):
+    with pytest.raises(BlockpruneError, match="unknown option 'ridg'; options: ridge"):
         _compress(ridg=1)
-    with pytest.raises(BlockpruneError, match="unknown importance metric 'fidd'; known metrics: output_mse"):
+    with pytest.raises(BlockpruneError, match="unknown importance metric 'fidd'; known metrics: block_influence, clip, fid, fit_residual, output_mse"):
         _compress(importance="fidd")
 
 

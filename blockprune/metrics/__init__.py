@@ -1,6 +1,6 @@
-"""Importance metrics: how much a model suffers when one block is ablated."""
+"""Importance metrics: per-block signals of how much the model needs each block."""
 
 from .base import Metric, ScoringContext
-from .scoring import ablated, combine_scores, resolve_metric_weights, score_blocks
+from .scoring import ABLATIONS, ablated, combine_scores, resolve_metrics, score_blocks
 
-__all__ = ["Metric", "ScoringContext", "ablated", "combine_scores", "resolve_metric_weights", "score_blocks"]
+__all__ = ["ABLATIONS", "Metric", "ScoringContext", "ablated", "combine_scores", "resolve_metrics", "score_blocks"]

@@ -8,20 +8,26 @@ import torch
 
 from ..calibration import output_tensor, run_model
 from ..hookspecs import hookimpl
+from ..adapter import Block
 from .base import Metric, ScoringContext
 
 
 class OutputMSE(Metric):
-    """Relative squared error of the model's output on the calibration inputs: ``Σ‖ŷ − y‖² / Σ‖y‖²``."""
+    """Relative squared error of the model's output on the calibration inputs: ``Σ‖ŷ − y‖² / Σ‖y‖²``.
+
+    The calibration batches carry their own timesteps, so the error is averaged over the denoising
+    steps they were sampled at.
+    """
 
     name = "output_mse"
     higher_is_better = False
     cost = "forward"
 
     def prepare(self, context: ScoringContext) -> list[torch.Tensor]:
+        """The intact model's outputs on the scoring batches."""
         return [output_tensor(run_model(context.model, b, i)).float() for i, b in enumerate(context.batches)]
 
-    def evaluate(self, context: ScoringContext, state: Any) -> float:
+    def evaluate(self, context: ScoringContext, block: Block, state: Any) -> float:
         error = reference = 0.0
         for index, (batch, expected) in enumerate(zip(context.batches, state)):
             got = output_tensor(run_model(context.model, batch, index)).float()

@@ -1,0 +1,149 @@
+"""``importance``: per-block scores from one or more metrics, cached on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich import box
+from rich.table import Table
+
+from .adapter import Block
+from .fingerprint import data_fingerprint, model_fingerprint
+from .metrics import Metric, ScoringContext, combine_scores, resolve_metrics, score_blocks
+from .report import output_console, progress_bars
+from .run import Run, prepare_run
+
+CACHE_ENV = "BLOCKPRUNE_CACHE_DIR"
+
+
+@dataclass
+class ImportanceTable:
+    """Per-block metric values, the weights, and the combined importance ``s_i`` (lower: replace first)."""
+
+    blocks: list[str]
+    values: dict[str, dict[str, float]]
+    weights: dict[str, float]
+    scores: dict[str, float]
+    ablation: str
+    cached: list[str]
+
+    @property
+    def order(self) -> list[str]:
+        """Block names by ascending importance (ties keep data-flow order)."""
+        return sorted(self.blocks, key=lambda name: self.scores[name])
+
+    def table(self) -> Table:
+        """The scores as a rich table, in replacement order."""
+        table = Table(title=f"block importance (ablation: {self.ablation})", box=box.SIMPLE)
+        table.add_column("rank", justify="right")
+        table.add_column("block", no_wrap=True)
+        for name in self.values:
+            table.add_column(f"{name} (w={self.weights[name]:.2f})", justify="right")
+        table.add_column("importance", justify="right")
+        for rank, block in enumerate(self.order, 1):
+            cells = [f"{self.values[m][block]:.4g}" for m in self.values]
+            table.add_row(str(rank), block, *cells, f"{self.scores[block]:.4f}")
+        return table
+
+
+def cache_directory(setting: Any) -> Path | None:
+    """Where scores are cached: the ``cache_dir`` option, else ``$BLOCKPRUNE_CACHE_DIR``, else ~/.cache/blockprune."""
+    if setting is False:
+        return None
+    if setting is None:
+        setting = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "blockprune"
+    return Path(setting) / "importance"
+
+
+def _cache_key(metric: Metric, context: ScoringContext, common: dict[str, Any]) -> str:
+    payload = {**common, "metric": metric.name, "settings": metric.settings(context)}
+    if not metric.ablates:
+        payload.pop("ablation")
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def compute_scores(
+    context: ScoringContext,
+    weights: Mapping[str, float],
+    metrics: Mapping[str, Metric],
+    ablation: str,
+    cache: Path | None,
+    on_block: Callable[[Block], Any] | None = None,
+) -> ImportanceTable:
+    """Score ``context.blocks`` with each metric (from the cache where the same model, data and settings were
+    scored before) and combine them."""
+    values: dict[str, dict[str, float]] = {}
+    keys: dict[str, Path] = {}
+    names = [b.name for b in context.blocks]
+    if cache is not None:
+        common = {
+            "model": model_fingerprint(context.model),
+            "data": data_fingerprint(context.batches),
+            "blocks": names,
+            "ablation": ablation,
+            "ridge": context.options.get("ridge") if ablation == "replace" else None,
+        }
+        for name, metric in metrics.items():
+            keys[name] = cache / f"{_cache_key(metric, context, common)}.json"
+            if keys[name].is_file():
+                values[name] = json.loads(keys[name].read_text())["values"]
+    missing = {name: metric for name, metric in metrics.items() if name not in values}
+    if missing:
+        values.update(score_blocks(context, missing, ablation=ablation, on_block=on_block))
+        for name in missing:
+            if name in keys:
+                _write_atomically(keys[name], json.dumps({"metric": name, "values": values[name]}))
+    ordered = {name: values[name] for name in metrics}
+    return ImportanceTable(names, ordered, dict(weights), combine_scores(ordered, weights, metrics), ablation,
+                           sorted(set(metrics) - set(missing)))
+
+
+def score_run(run: Run, importance: Any, blocks: list[Block] | None = None, bars: Any = None) -> ImportanceTable:
+    """Score ``blocks`` (default: all) of a prepared run."""
+    weights, metrics = resolve_metrics(importance)
+    ablation = run.options["ablation"]
+    context = ScoringContext(run.transformer, run.adapter, blocks if blocks is not None else run.blocks,
+                             run.scoring_batches, run.pipeline, run.metric_options)
+    on_block = None
+    if bars is not None:
+        task = bars.add_task("scoring blocks", total=len(context.blocks))
+        on_block = lambda block: bars.advance(task)  # noqa: E731
+    return compute_scores(context, weights, metrics, ablation, cache_directory(run.options["cache_dir"]), on_block)
+
+
+def importance(
+    model: Any,
+    adapter: str = "auto",
+    calibration: Any = None,
+    *,
+    importance: str | list[str] | Mapping[str, float] = "output_mse",
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    **options: Any,
+) -> ImportanceTable:
+    """Per-block importance without compressing: each metric's value per block and the combined score.
+
+    Takes the same model, calibration and options as :func:`blockprune.compress`; scores are cached on
+    disk, so a later ``compress`` of the same model and data at any ratio costs no scoring.
+    """
+    resolve_metrics(importance)  # bad metric names fail before any work
+    run = prepare_run(model, adapter, calibration, device, options)
+    with progress_bars(progress) as bars:
+        table = score_run(run, importance, bars=bars)
+    if progress:
+        output_console().print(table.table())
+    return table
