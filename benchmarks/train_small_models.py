@@ -11,6 +11,7 @@ Prints a table last.
 
     python benchmarks/train_small_models.py                       # both models, on CUDA when there is one
     python benchmarks/train_small_models.py --smoke               # a few CPU steps on tiny widths, writes nothing
+    python benchmarks/train_small_models.py --evaluate --eval-images 64   # measure the saved weights again
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes-sd3", type=float, default=2.5, help="training budget of sd3-small (default 2.5)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps as well")
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     parser.add_argument("--warmup-steps", type=int, default=200)
     parser.add_argument("--flux-width", type=int, default=128)
     parser.add_argument("--flux-blocks", type=int, nargs=2, default=[6, 14], metavar=("DOUBLE", "SINGLE"))
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block (not tried on GPU yet)")
     parser.add_argument("--smoke", action="store_true", help="a few CPU steps on tiny widths; writes only with --output")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="train nothing: measure the saved weights in --output again (on CPU, pass e.g. --eval-images 64)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.max_steps, args.minutes_flux, args.minutes_sd3 = "cpu", args.max_steps or 40, 0.0, 0.0
@@ -143,24 +146,39 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     weights, scale, selection = choose_weights(pipe, result, args)
     pipe.config.guidance_scale = scale
-    train_prompts = evaluation_prompts(args.eval_images, "train", seed=TEST_SEED)
-    held_out_prompts = evaluation_prompts(args.eval_images // 2, "held_out", seed=TEST_SEED)
-    train_scores, images = accuracy(pipe, train_prompts, TEST_SEED, args, scale)
-    held_out_scores = accuracy(pipe, held_out_prompts, TEST_SEED, args, scale)[0]
-    frechet = checker_frechet_distance(images, dataset_images(train_prompts, seed=TEST_SEED))
     row = {
         "model": name, "params": sum(params.values()), "steps": result.steps, "batch_size": args.batch_size,
         "first_loss": result.losses[0][1], "final_loss": result.final_loss, "train_seconds": result.seconds,
-        "eval_seconds": time.perf_counter() - started, "weights": weights, "guidance_scale": scale,
-        "accuracy": train_scores, "held_out_accuracy": held_out_scores, "frechet": frechet, "selection": selection,
-        "losses": result.losses, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "torch": torch.__version__,
+        "weights": weights, "guidance_scale": scale, **measure(pipe, args), "selection": selection,
+        "eval_seconds": time.perf_counter() - started, "losses": result.losses,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "torch": torch.__version__,
     }
     if args.output is not None:
         metadata = {k: v for k, v in row.items() if k != "losses"}
         metadata["eval_steps"] = args.eval_steps
         row["files"] = [str(f) for f in save(pipe.to("cpu"), name, metadata, args)]
     print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+    return row
+
+
+def measure(pipe: ToyPipeline, args: argparse.Namespace) -> dict:
+    """Attribute accuracy on fresh seeds (training captions and held-out ones) and the checker Fréchet distance."""
+    scale = pipe.config.guidance_scale
+    train_prompts = evaluation_prompts(args.eval_images, "train", seed=TEST_SEED)
+    held_out_prompts = evaluation_prompts(args.eval_images // 2, "held_out", seed=TEST_SEED)
+    train_scores, images = accuracy(pipe, train_prompts, TEST_SEED, args, scale)
+    return {
+        "accuracy": train_scores,
+        "held_out_accuracy": accuracy(pipe, held_out_prompts, TEST_SEED, args, scale)[0],
+        "frechet": checker_frechet_distance(images, dataset_images(train_prompts, seed=TEST_SEED)),
+    }
+
+
+def evaluate_saved(name: str, args: argparse.Namespace) -> dict:
+    """Measure saved weights again (on ``--device``); training figures come from their JSON."""
+    pipe = ToyPipeline.from_pretrained(name, args.output).to(args.device)
+    row = {**pipe.metadata, "model": name, **measure(pipe, args)}
+    print(json.dumps(row), flush=True)
     return row
 
 
@@ -179,9 +197,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.backends.cudnn.allow_tf32 = True
     rows = []
     for name in args.models:
-        rows.append(train_one(name, args))
+        rows.append(evaluate_saved(name, args) if args.evaluate else train_one(name, args))
         out = os.environ.get("OUT")
-        if out and not args.smoke:  # after each model, so a run cut short still reports what it finished
+        if out and not (args.smoke or args.evaluate):  # after each model, so a run cut short still reports what it finished
             (Path(out) / "train_small_models.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     print_table(rows)
     return rows

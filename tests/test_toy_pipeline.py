@@ -7,7 +7,7 @@ import blockprune
 from blockprune import plugins
 from blockprune.errors import BlockpruneError
 from blockprune.small_models import toy_small_models
-from blockprune.toy import ToyConfig, ToyPipeline, calibration_batches, evaluation_prompts
+from blockprune.toy import ToyConfig, ToyPipeline, calibration_batches, evaluate, evaluation_prompts, generate
 from blockprune.toy.pipeline import weight_files
 
 BLOCKS = {"flux": (2, 2), "sd3": (3,)}
@@ -37,6 +37,17 @@ def test_generation_shapes_range_and_determinism(toy_family):
     latent = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").images
     assert latent.shape == (1, 3, 32, 32) and latent.min() < 0
     assert pipe("a red circle", num_images_per_prompt=3, guidance_scale=1.0).images.shape == (3, 3, 32, 32)
+
+
+def test_evaluate_against_the_teacher_itself():
+    pipe = tiny_toy_pipeline()
+    prompts, seeds = evaluation_prompts(6, seed=2), list(range(6))
+    teacher = generate(pipe, prompts, seeds, num_inference_steps=2, batch_size=4)  # batching must not matter
+    results = evaluate(pipe, prompts, seeds, teacher_images=teacher, num_inference_steps=2)
+    assert set(results) == {"accuracy", "count", "colour", "kind", "relation", "frechet", "psnr", "ssim"}
+    assert results["psnr"] > 60 and results["ssim"] == pytest.approx(1.0) and 0 <= results["accuracy"] <= 1
+    with pytest.raises(BlockpruneError, match="got 6 prompts and 1 seeds"):
+        generate(pipe, prompts, [0])
 
 
 def test_bad_calls_are_errors():
@@ -92,6 +103,11 @@ def test_save_and_load_round_trip(tmp_path, toy_family):
                         cache_dir=False)
     with pytest.raises(BlockpruneError, match="transformer is compressed; save it with blockprune.save_pretrained"):
         pipe.save_pretrained(tmp_path, "compressed")
+    blockprune.save_pretrained(pipe, tmp_path / "compressed")
+    compressed = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images
+    loaded.transformer = blockprune.from_pretrained(tmp_path / "compressed")
+    loaded.text_encoder = pipe.text_encoder
+    assert torch.allclose(loaded("a red circle", generator=torch.Generator().manual_seed(0)).images, compressed, atol=1e-5)
 
 
 def test_trained_models_are_registered_only_when_their_files_exist(tmp_path):

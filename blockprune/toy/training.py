@@ -29,7 +29,7 @@ class TrainingSettings:
     minutes: float = 5.0
     max_steps: int | None = None
     batch_size: int = 1024
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     warmup_steps: int = 200
     final_lr_fraction: float = 0.02
     weight_decay: float = 0.01
@@ -113,6 +113,11 @@ def train(pipe: ToyPipeline, settings: TrainingSettings, log: Callable[[str], No
         step += 1
         if step % settings.log_every == 0:
             losses.append((step, float(running) / counted))
+            if not math.isfinite(losses[-1][1]):
+                raise BlockpruneError(
+                    f"training diverged by step {step} (mean loss {losses[-1][1]}); lower the learning rate "
+                    f"(peak {settings.learning_rate:g})"
+                )
             running.zero_()
             counted = 0
             rate = step * settings.batch_size / (time.perf_counter() - started)
