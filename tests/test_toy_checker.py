@@ -39,7 +39,7 @@ def test_judge_names_what_is_wrong():
     sizes = torch.tensor([[11.0, 11.0, 0.0]])
     shapes = detect(render(colours, kinds, centres, sizes))[0]
     assert judge(shapes, parse_caption("a red circle left of a blue square")).correct
-    flipped = judge(shapes, parse_caption("a red circle right of a blue square"))
+    flipped = judge(shapes, parse_caption("a blue square left of a red circle"))
     assert not flipped.correct and flipped.relation is False and flipped.count and flipped.colours and flipped.kinds
     wrong_colour = judge(shapes, parse_caption("a green circle left of a blue square"))
     assert not wrong_colour.correct and not wrong_colour.colours and wrong_colour.kinds

@@ -4,7 +4,11 @@ Every caption the dataset can produce is enumerated once, in a fixed order, so t
 also an index (``caption_id``) into tensors of its attributes. Three layouts:
 
 - ``single``: one shape, ``"a red circle"``;
-- ``pair``: two different shapes in a spatial relation, ``"a red circle above a blue square"``;
+- ``pair``: two different shapes in a spatial relation, ``"a red circle above a blue square"``, with
+  ``above`` or ``left of`` only. With ``below`` and ``right of`` too, whether the first-named shape
+  goes up or down depends jointly on word order and relation word (an XOR), which a small model
+  learns far more slowly: in a CPU trial (width 64, 340k pair samples) pair accuracy was 0.11 with
+  four relations and 0.54 with two;
 - ``count``: two or three identical shapes, ``"two green triangles"``.
 
 The held-out split is a fixed set of pair and count captions (combinations of words never seen
@@ -24,11 +28,11 @@ from ..errors import BlockpruneError
 
 COLOURS = ("red", "green", "blue", "yellow")
 KINDS = ("circle", "square", "triangle")
-RELATIONS = ("above", "below", "left of", "right of")
+RELATIONS = ("above", "left of")  # the first-named shape is the upper / the left one
 LAYOUTS = ("single", "pair", "count")
 NUMBER_WORDS = {2: "two", 3: "three"}
 MAX_SHAPES = 3
-MAX_WORDS = 8  # "a red circle right of a blue triangle"
+MAX_WORDS = 8  # "a red circle left of a blue triangle"
 SPLITS = ("train", "held_out", "all")
 PAD, UNKNOWN = "<pad>", "<unk>"
 

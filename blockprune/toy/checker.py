@@ -177,7 +177,7 @@ def relation_holds(relation: str, first: Shape, second: Shape) -> bool:
     """Whether ``first`` is ``relation`` ``second``: the offset along the relation's axis has the right sign
     and is larger than the offset along the other axis."""
     dx, dy = first.centre[0] - second.centre[0], first.centre[1] - second.centre[1]
-    along, across = {"above": (-dy, dx), "below": (dy, dx), "left of": (-dx, dy), "right of": (dx, dy)}[relation]
+    along, across = {"above": (-dy, dx), "left of": (-dx, dy)}[relation]
     return along > abs(across)
 
 

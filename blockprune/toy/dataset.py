@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import BlockpruneError
-from .captions import LAYOUTS, MAX_SHAPES, all_captions, attribute_table, caption_tokens, split_ids
+from .captions import LAYOUTS, MAX_SHAPES, RELATIONS, all_captions, attribute_table, caption_tokens, split_ids
 
 IMAGE_SIZE = 32
 BACKGROUND = (0.95, 0.95, 0.95)
@@ -106,21 +106,18 @@ def _single_layout(n: int, generator, device) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _pair_layout(n: int, relation: torch.Tensor, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two shapes separated along the relation's axis by more than along the other axis, never touching."""
+    """Two shapes, the first above (relation 0) or left of (relation 1) the second: apart along that axis by
+    more than along the other one, and never touching."""
     sizes = _uniform(*SIZES["pair"], (n, MAX_SHAPES), generator, device)
     half_a, half_b = sizes[:, 0] / 2, sizes[:, 1] / 2
     longest = IMAGE_SIZE - 2 * MARGIN - half_a - half_b  # distance between centres along the axis that still fits
     distance = _uniform(half_a + half_b + GAP, longest, (n,), generator, device)
-    a_first = (relation == 0) | (relation == 2)  # "above", "left of": the first object has the smaller coordinate
-    half_low = torch.where(a_first, half_a, half_b)
-    half_high = torch.where(a_first, half_b, half_a)
-    start = _uniform(MARGIN + half_low, IMAGE_SIZE - MARGIN - half_high - distance, (n,), generator, device)
-    main_a = torch.where(a_first, start, start + distance)
-    main_b = torch.where(a_first, start + distance, start)
+    main_a = _uniform(MARGIN + half_a, IMAGE_SIZE - MARGIN - half_b - distance, (n,), generator, device)
+    main_b = main_a + distance
     cross_a = _uniform(MARGIN + half_a, IMAGE_SIZE - MARGIN - half_a, (n,), generator, device)
     offset = _uniform(-distance / 2, distance / 2, (n,), generator, device)
     cross_b = torch.minimum(torch.maximum(cross_a + offset, MARGIN + half_b), IMAGE_SIZE - MARGIN - half_b)
-    vertical = relation <= 1
+    vertical = relation == 0
     a = torch.stack([torch.where(vertical, cross_a, main_a), torch.where(vertical, main_a, cross_a)], -1)
     b = torch.stack([torch.where(vertical, cross_b, main_b), torch.where(vertical, main_b, cross_b)], -1)
     return torch.stack([a, b, b], 1), sizes
@@ -144,7 +141,8 @@ def sample_layout(caption_ids: torch.Tensor, generator: torch.Generator) -> tupl
     """
     device, n = caption_ids.device, len(caption_ids)
     table = {k: v[caption_ids] for k, v in _table_on(str(device)).items()}
-    relation = torch.where(table["relation"] >= 0, table["relation"], torch.randint(4, (n,), generator=generator, device=device))
+    random_relation = torch.randint(len(RELATIONS), (n,), generator=generator, device=device)
+    relation = torch.where(table["relation"] >= 0, table["relation"], random_relation)
     centres, sizes = _single_layout(n, generator, device)
     pair_centres, pair_sizes = _pair_layout(n, relation, generator, device)
     grid_centres, grid_sizes = _grid_layout(n, generator, device)
