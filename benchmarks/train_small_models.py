@@ -41,8 +41,8 @@ VALIDATION_SEED, TEST_SEED = 10_000, 20_000  # noise seeds for weight/guidance s
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(FAMILY), default=["flux-small", "sd3-small"])
-    parser.add_argument("--minutes-flux", type=float, default=5.0, help="training budget of flux-small (default 5)")
-    parser.add_argument("--minutes-sd3", type=float, default=2.5, help="training budget of sd3-small (default 2.5)")
+    parser.add_argument("--minutes-flux", type=float, default=6.0, help="training budget of flux-small (default 6)")
+    parser.add_argument("--minutes-sd3", type=float, default=2.0, help="training budget of sd3-small (default 2)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps as well")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
