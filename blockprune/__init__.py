@@ -4,6 +4,7 @@ from .adapter import Adapter, Block, BlockSpec
 from .compress import compress
 from .errors import BlockpruneError, NonFiniteActivationError, NotResidualError
 from .fit import IllConditionedWarning
+from .fusion import fuse
 from .hookspecs import hookimpl
 from .inspection import inspect
 from .metrics import Metric
@@ -29,6 +30,7 @@ __all__ = [
     "Plan",
     "compress",
     "from_pretrained",
+    "fuse",
     "hookimpl",
     "importance",
     "inspect",

@@ -77,9 +77,13 @@ class Adapter:
     Subclasses set ``name`` and implement :meth:`matches`, :meth:`block_lists` and
     :meth:`block_spec`. Adapters that discover blocks themselves override
     :meth:`trace_targets` and :meth:`blocks` instead (see the ``generic`` adapter).
+
+    Set ``chains_streams_by_name`` when the host model hands every output stream of a block, unchanged,
+    to the next block's input of the same name; :func:`blockprune.fuse` relies on it.
     """
 
     name: str = ""
+    chains_streams_by_name: bool = False
 
     def matches(self, model: nn.Module) -> bool:
         """Whether this adapter understands ``model``."""

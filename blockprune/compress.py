@@ -11,7 +11,7 @@ import torch
 
 from .adapter import Block
 from .errors import BlockpruneError
-from .flops import count_flops, count_parameters
+from .flops import block_flops, count_flops, count_parameters
 from .ranking import score_run
 from .metrics import resolve_metrics
 from .plan import PLAN_ATTRIBUTE, Plan, transformer_of
@@ -95,6 +95,7 @@ def compress(
     result = Plan(run.adapter.name, ratio, order, [b.name for b in blocks], seed=seed, importance=dict(weights))
     result.params_before = count_parameters(transformer)
     result.flops_before = count_flops(transformer, run.batches[0])
+    flops_of_block = block_flops(transformer, [b.name for b in blocks], run.batches[0])
     by_name = {b.name: b for b in blocks}
     remaining = list(blocks)
     with progress_bars(progress) as bars:
@@ -112,6 +113,7 @@ def compress(
             replaced = replace_block(transformer, by_name[name], run.batches, run.options["ridge"],
                                      run.options["record_device"])
             replaced.score = table.scores[name] if fixed is None else None
+            replaced.flops = flops_of_block.get(name)
             result.replaced.append(replaced)
             remaining = [b for b in remaining if b.name != name]
             logger.info("replaced %s (fit errors %s)", name, {s: r.relative_error for s, r in replaced.streams.items()})

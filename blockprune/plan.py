@@ -20,6 +20,7 @@ class StreamReport:
     relative_error: float
     condition_number: float
     tokens: int
+    flops: int | None = None  # of the affine map, on the batch the plan's FLOPs were counted on
 
 
 @dataclass
@@ -31,11 +32,21 @@ class ReplacedBlock:
     spec: dict[str, Any]
     streams: dict[str, StreamReport]
     score: float | None = None
+    flops: int | None = None  # of the original block, on the batch the plan's FLOPs were counted on
+
+
+@dataclass
+class FusedRun:
+    """Consecutive replaced blocks whose maps for ``stream`` were composed into one, carried by ``blocks[0]``."""
+
+    stream: str
+    blocks: list[str]
 
 
 @dataclass
 class Plan:
-    """Replaced blocks in order, per-block scores and fit errors, parameter and FLOP counts before and after."""
+    """Replaced blocks in order, per-block scores and fit errors, parameter and FLOP counts before and after, and
+    the runs that :func:`blockprune.fuse` collapsed."""
 
     adapter: str
     ratio: float
@@ -50,6 +61,7 @@ class Plan:
     flops_before: int | None = None
     flops_after: int | None = None
     seed: int = 0
+    fused: list[FusedRun] = field(default_factory=list)
 
     @property
     def replaced_names(self) -> list[str]:
@@ -68,6 +80,7 @@ class Plan:
             ReplacedBlock(**{**r, "streams": {s: StreamReport(**v) for s, v in r["streams"].items()}})
             for r in data.get("replaced", [])
         ]
+        data["fused"] = [FusedRun(**run) for run in data.get("fused", [])]
         return cls(**data)
 
 

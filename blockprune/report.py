@@ -61,6 +61,8 @@ def plan_table(plan: Plan) -> Table:
         f"{_ratio(plan.params_after, plan.params_before)}; FLOPs {_count(plan.flops_before)} → "
         f"{_count(plan.flops_after)}{_ratio(plan.flops_after, plan.flops_before)}"
     )
+    if plan.fused:
+        table.caption += f"; fused: {', '.join(f'{run.stream} of {len(run.blocks)} blocks' for run in plan.fused)}"
     return table
 
 
