@@ -16,6 +16,7 @@ from .calibration import bundled_prompts, prepare_calibration, record_pipeline_c
 from .errors import BlockpruneError
 from .metrics.scoring import ABLATIONS
 from .plan import transformer_of
+from .sandwich.options import option_names
 
 OPTIONS: dict[str, Any] = {
     "ridge": 1e-6,  # λ = ridge · trace(ZᵀZ)/(d+1)
@@ -28,6 +29,9 @@ OPTIONS: dict[str, Any] = {
     "calibration_prompts": None,  # prompts for recording calibration from a pipeline; default: bundled
     "calibration_steps": 8,  # denoising steps per prompt when recording from a pipeline
     "steps_per_prompt": 2,  # transformer calls kept per prompt, evenly spaced over the steps
+    "reuse_from": None,  # a folder or compressed model of a higher-ratio run: assemble from it, no training
+    # sandwich training (see blockprune.sandwich.SandwichOptions for meanings and defaults)
+    **dict.fromkeys(option_names()),
 }
 
 

@@ -16,6 +16,7 @@ from .adapter import BlockSpec
 from .blocks import set_submodule
 from .errors import BlockpruneError
 from .plan import PLAN_ATTRIBUTE, Plan, plan, transformer_of
+from .sandwich.reuse import LOG_ATTRIBUTE, load_stage_log, save_stage_log
 from .surrogate import LinearSurrogate
 
 FORMAT_VERSION = 1
@@ -46,7 +47,8 @@ def save_pretrained(model: Any, directory: str | os.PathLike, max_shard_bytes: i
 
     Files: the diffusers ``config.json`` of the base model, safetensors with the kept blocks' and the
     surrogates' weights (none of the replaced blocks'), sharded past ``max_shard_bytes``, and
-    ``blockprune.json`` (format version, adapter, replaced blocks with their stream shapes, dtype, plan).
+    ``blockprune.json`` (format version, adapter, replaced blocks with their stream shapes, dtype, plan),
+    and, after sandwich training, ``stages.safetensors`` with each stage's trained components (for reuse).
     """
     transformer = transformer_of(model)
     compressed = plan(transformer)
@@ -87,6 +89,9 @@ def save_pretrained(model: Any, directory: str | os.PathLike, max_shard_bytes: i
         "plan": compressed.to_dict(),
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    log = getattr(transformer, LOG_ATTRIBUTE, None)
+    if log is not None and log.blocks:
+        save_stage_log(log, directory)
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
@@ -175,4 +180,5 @@ def from_pretrained(
     if device is not None:
         model.to(device)
     setattr(model, PLAN_ATTRIBUTE, Plan.from_dict(manifest["plan"]))
+    setattr(model, LOG_ATTRIBUTE, load_stage_log(directory))
     return model.eval()

@@ -28,7 +28,7 @@ class LinearSurrogate(nn.Module):
     ) -> None:
         super().__init__()
         self.spec = spec
-        self.signature = signature
+        self.forward_signature = signature
         self.replaces = replaces
         self.linears = nn.ModuleDict(
             {s: nn.Linear(stream_dims[s], stream_dims[s], dtype=dtype, device=device) for s in spec.streams}
@@ -72,7 +72,7 @@ class LinearSurrogate(nn.Module):
             linear.bias.copy_(bias.to(linear.bias))
 
     def forward(self, *args, **kwargs):
-        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        bound = self.forward_signature.bind_partial(*args, **kwargs).arguments
 
         def stream_out(stream: str) -> torch.Tensor:
             x = bound[stream]
