@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import numbers
 from collections.abc import Mapping
@@ -11,19 +10,19 @@ from typing import Any
 
 import torch
 
+from . import __version__
 from .adapter import Block
-from .blocks import set_submodule
 from .errors import BlockpruneError
+from .fingerprint import data_fingerprint, model_fingerprint, value_fingerprint
 from .flops import count_flops, count_parameters
 from .metrics import resolve_metrics
 from .plan import PLAN_ATTRIBUTE, Plan, transformer_of
-from .ranking import score_run
-from .replacement import replace_block
+from .progressive import InterruptGuard, Progressive
 from .report import print_plan, progress_bars
 from .run import Run, check_options, prepare_run
-from .sandwich import SandwichOptions, StageLog, run_stage
+from .sandwich import SandwichOptions, StageLog
 from .sandwich.reuse import LOG_ATTRIBUTE, assemble
-from .sandwich.stage import SandwichDivergedError
+from .workdir import Workdir
 
 logger = logging.getLogger("blockprune")
 
@@ -54,66 +53,24 @@ def block_order(blocks: list[Block], order: str | list[str]) -> list[str]:
     return listed
 
 
-def split_batches(batches: list[dict], share: float, held_out: float, seed: int) -> tuple[list, list, list]:
-    """(least-squares, training, held-out) batches: a seeded shuffle cut by ``share`` and ``held_out``."""
-    if len(batches) < 3:
-        raise BlockpruneError(
-            f"sandwich training needs at least 3 calibration batches (least squares, training, held-out), got "
-            f"{len(batches)}; pass more batches or sandwich=False"
-        )
-    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
-    training = min(max(2, round(share * len(batches))), len(batches) - 1)
-    held = min(max(1, round(held_out * training)), training - 1)
-    pick = lambda indices: [batches[i] for i in sorted(indices)]  # noqa: E731
-    ls, train = order[: len(batches) - training], order[len(batches) - training :]
-    return pick(ls), pick(train[:-held]), pick(train[-held:])
-
-
-def _replace_all(run: Run, names_in_order, count, importance, sandwich: SandwichOptions | None, seed, result, log, bars):
-    transformer, options = run.transformer, run.options
-    if sandwich is None:
-        ls_batches, train, held = run.batches, [], []
-    else:
-        ls_batches, train, held = split_batches(run.batches, sandwich.split, sandwich.held_out, seed)
-    by_name = {b.name: b for b in run.blocks}
-    remaining = list(run.blocks)
-    replaced: set[str] = set()
-    originals: dict[str, torch.nn.Module] = {}
-    task = bars.add_task("replacing blocks" + (" + sandwich training" if sandwich else ""), total=count)
-    table = None
-    for step in range(count):
-        if names_in_order is not None:
-            name = names_in_order[step]
-        else:
-            if step == 0 or options["rescore"] == "each":
-                table = score_run(run, importance, remaining, bars)
-                if step == 0:
-                    result.metric_values, result.scores = table.values, table.scores
-            name = table.order[0] if options["rescore"] == "each" else table.order[step]
-        if sandwich is not None:
-            originals[name] = copy.deepcopy(transformer.get_submodule(name)).to("cpu")
-        entry = replace_block(transformer, by_name[name], ls_batches, options["ridge"], options["record_device"])
-        entry.score = table.scores[name] if table is not None else None
-        replaced.add(name)
-        if sandwich is not None:
-            try:
-                report, trained, lora = run_stage(transformer, run.adapter, run.blocks, replaced, name, train, held,
-                                                  originals, sandwich, seed + step)
-            except SandwichDivergedError:
-                original = originals[name]
-                device = next(transformer.parameters()).device
-                set_submodule(transformer, name, original.to(device))
-                raise
-            result.stages.append(report)
-            log.surrogates.append(trained)
-            log.lora.append(lora)
-            log.blocks.append(name)
-            logger.info("sandwich %s: held-out span error %.4g → %.4g", "+".join(report.span),
-                        report.relative_error_before, report.relative_error_after)
-        result.replaced.append(entry)
-        remaining = [b for b in remaining if b.name != name]
-        logger.info("replaced %s (fit errors %s)", name, {s: r.relative_error for s, r in entry.streams.items()})
-        bars.advance(task)
+def _workdir(run: Run, ratio: float, order: Any, weights: dict, sandwich: SandwichOptions | None, seed: int) -> Workdir:
+    options = run.options
+    sandwich_key = {k: v for k, v in asdict(sandwich).items() if k != "activation_budget"} if sandwich else None
+    key = {
+        "blockprune": __version__,
+        "model": model_fingerprint(run.transformer),
+        "data": data_fingerprint(run.batches),
+        "device": str(next(run.transformer.parameters()).device),
+        "adapter": run.adapter.name,
+        "ratio": ratio,
+        "order": order,
+        "importance": weights,
+        "sandwich": sandwich_key,
+        "seed": seed,
+        **{k: options[k] for k in ("ridge", "record_device", "score_batches", "ablation", "rescore")},
+        "metric_options": value_fingerprint(options["metric_options"] or {}),
+    }
+    return Workdir(options["workdir"], key)
 
 
 def compress(
@@ -137,7 +94,8 @@ def compress(
     left out and is then recorded from the pipeline on bundled prompts. Blocks are replaced one at a
     time in ``order`` (``"importance"`` ranks them by the ``importance`` metrics), each fitted on
     activations of the model as it is after the earlier replacements; with ``sandwich`` each replacement
-    is followed by sandwich training of its span. Keyword options: see ``blockprune.run.OPTIONS``.
+    is followed by sandwich training of its span. With ``workdir=`` finished work is saved as it goes and
+    the same call resumes after an interruption. Keyword options: see ``blockprune.run.OPTIONS``.
     """
     transformer = transformer_of(model)
     ratio = _check_ratio(ratio)
@@ -169,21 +127,28 @@ def compress(
         result.scores, result.metric_values, result.sandwich = higher.scores, higher.metric_values, higher.sandwich
         result.reused_from = str(reuse_from) if not hasattr(reuse_from, "parameters") else type(reuse_from).__name__
     else:
+        workdir = _workdir(run, ratio, order, weights, sandwich_options, seed) if checked["workdir"] else None
+        loop = Progressive(run, fixed, count, importance, sandwich_options, seed, result, log, workdir,
+                           checked["keep_activations"])
         try:
-            with progress_bars(progress) as bars:
-                _replace_all(run, fixed, count, importance, sandwich_options, seed, result, log, bars)
-        except SandwichDivergedError:
-            if result.replaced:  # the stages before the failed one stay done, with their plan
-                _finish(transformer, result, log, run.batches[0], progress=False)
+            with InterruptGuard() as guard, progress_bars(progress) as bars:
+                loop.execute(bars, guard)
+        except BaseException:
+            if result.replaced:  # the finished stages stay done, with their plan
+                _finish(transformer, result, log, run.batches[0])
             raise
-    _finish(transformer, result, log, run.batches[0], progress)
+        finally:
+            if workdir is not None:
+                result.workdir_bytes = workdir.disk_usage()
+                logger.info("workdir %s uses %.1f MB", workdir.path, result.workdir_bytes / 1e6)
+    _finish(transformer, result, log, run.batches[0])
+    if progress:
+        print_plan(result)
     return model
 
 
-def _finish(transformer: torch.nn.Module, result: Plan, log: StageLog, batch: dict, progress: bool) -> None:
+def _finish(transformer: torch.nn.Module, result: Plan, log: StageLog, batch: dict) -> None:
     result.params_after = count_parameters(transformer)
     result.flops_after = count_flops(transformer, batch)
     setattr(transformer, PLAN_ATTRIBUTE, result)
     setattr(transformer, LOG_ATTRIBUTE, log)
-    if progress:
-        print_plan(result)

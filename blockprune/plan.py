@@ -54,6 +54,7 @@ class Plan:
     stages: list[StageReport] = field(default_factory=list)
     sandwich: dict[str, Any] = field(default_factory=dict)
     reused_from: str | None = None
+    workdir_bytes: int | None = None
 
     @property
     def replaced_names(self) -> list[str]:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,15 @@ class ImportanceTable:
     scores: dict[str, float]
     ablation: str
     cached: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImportanceTable:
+        """The inverse of :meth:`to_dict`."""
+        return cls(**data)
 
     @property
     def order(self) -> list[str]:

@@ -60,6 +60,7 @@ def plan_table(plan: Plan) -> Table:
         f"parameters {_count(plan.params_before)} → {_count(plan.params_after)}"
         f"{_ratio(plan.params_after, plan.params_before)}; FLOPs {_count(plan.flops_before)} → "
         f"{_count(plan.flops_after)}{_ratio(plan.flops_after, plan.flops_before)}"
+        + (f"; workdir {plan.workdir_bytes / 1e6:.1f} MB" if plan.workdir_bytes is not None else "")
     )
     return table
 

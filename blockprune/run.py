@@ -29,6 +29,8 @@ OPTIONS: dict[str, Any] = {
     "calibration_prompts": None,  # prompts for recording calibration from a pipeline; default: bundled
     "calibration_steps": 8,  # denoising steps per prompt when recording from a pipeline
     "steps_per_prompt": 2,  # transformer calls kept per prompt, evenly spaced over the steps
+    "workdir": None,  # folder for resumable runs: scores and finished stages are written there atomically
+    "keep_activations": False,  # keep spilled activation shards in the workdir after their stage
     "reuse_from": None,  # a folder or compressed model of a higher-ratio run: assemble from it, no training
     # sandwich training (see blockprune.sandwich.SandwichOptions for meanings and defaults)
     **dict.fromkeys(option_names()),

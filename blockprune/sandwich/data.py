@@ -55,13 +55,15 @@ def moved(value: Any, device: torch.device | str, memo: dict[int, Any] | None = 
 
 
 class ActivationStore:
-    """A list of recorded items on CPU: in RAM up to ``budget`` bytes, then as files in a temporary folder."""
+    """A list of recorded items on CPU: in RAM up to ``budget`` bytes, then as shard files in ``folder``
+    (a temporary folder by default)."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, folder: Path | None = None) -> None:
         self.budget = budget
         self.items: list[Any] = []
         self.in_memory = 0
-        self.folder: Path | None = None
+        self.folder = folder
+        self.owns_folder = folder is None
 
     def append(self, item: Any) -> None:
         """Keep ``item`` (moved to CPU)."""
@@ -73,7 +75,7 @@ class ActivationStore:
             return
         if self.folder is None:
             self.folder = Path(tempfile.mkdtemp(prefix="blockprune-activations-"))
-        path = self.folder / f"{len(self.items)}.pt"
+        path = self.folder / f"{id(self)}-{len(self.items)}.pt"
         torch.save(item, path)
         self.items.append(path)
 
@@ -90,17 +92,20 @@ class ActivationStore:
         return sum(isinstance(item, Path) for item in self.items)
 
     def close(self) -> None:
-        """Delete the files on disk."""
-        if self.folder is not None:
+        """Delete the shard files (the folder too, if the store made it)."""
+        for item in self.items:
+            if isinstance(item, Path):
+                item.unlink(missing_ok=True)
+        if self.owns_folder and self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
 
 
 def record_span_inputs(
-    model: nn.Module, span: list[Block], batches: list[dict[str, Any]], budget: int
+    model: nn.Module, span: list[Block], batches: list[dict[str, Any]], budget: int, folder: Path | None = None
 ) -> ActivationStore:
     """For each batch, the first span block's arguments and the context of every later span block."""
-    store = ActivationStore(budget)
+    store = ActivationStore(budget, folder)
     current: dict[str, Any] = {}
 
     def make_hook(position: int):
@@ -123,9 +128,11 @@ def record_span_inputs(
     return store
 
 
-def record_block_outputs(model: nn.Module, block: Block, batches: list[dict[str, Any]], budget: int) -> ActivationStore:
+def record_block_outputs(
+    model: nn.Module, block: Block, batches: list[dict[str, Any]], budget: int, folder: Path | None = None
+) -> ActivationStore:
     """For each batch, ``block``'s output streams in ``model``."""
-    store = ActivationStore(budget)
+    store = ActivationStore(budget, folder)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         store.append({s: y for s, _, y in stream_pairs(block, bind_inputs(module, args, kwargs), output)})

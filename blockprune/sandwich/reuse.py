@@ -21,18 +21,32 @@ STAGES_FILE = "stages.safetensors"
 LOG_ATTRIBUTE = "_blockprune_stage_log"
 
 
+def components_to_tensors(surrogates: dict, lora: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """One stage's components as flat tensors keyed ``prefix + kind/block/item/part``."""
+    tensors = {}
+    for kind, components in (("surrogate", surrogates), ("lora", lora)):
+        for block, items in components.items():
+            for item, parts in items.items():
+                for part, tensor in parts.items():
+                    tensors[f"{prefix}{kind}/{block}/{item}/{part}"] = tensor.contiguous()
+    return tensors
+
+
+def tensors_to_components(tensors: dict[str, torch.Tensor], prefix: str = "") -> tuple[dict, dict]:
+    """The inverse of :func:`components_to_tensors`: ``(surrogates, lora)``."""
+    found: dict[str, dict] = {"surrogate": {}, "lora": {}}
+    for key, tensor in tensors.items():
+        if key.startswith(prefix):
+            kind, block, item, part = key[len(prefix) :].split("/")
+            found[kind].setdefault(block, {}).setdefault(item, {})[part] = tensor
+    return found["surrogate"], found["lora"]
+
+
 def save_stage_log(log: StageLog, directory: Path) -> None:
-    """Write every stage's components to ``stages.safetensors`` (keys ``stage/kind/block/part/tensor``)."""
+    """Write every stage's components to ``stages.safetensors`` (keys ``stage/kind/block/item/part``)."""
     tensors = {}
     for stage, (surrogates, lora) in enumerate(zip(log.surrogates, log.lora)):
-        for block, streams in surrogates.items():
-            for stream, parts in streams.items():
-                for part, tensor in parts.items():
-                    tensors[f"{stage}/surrogate/{block}/{stream}/{part}"] = tensor.contiguous()
-        for block, modules in lora.items():
-            for module, parts in modules.items():
-                for part, tensor in parts.items():
-                    tensors[f"{stage}/lora/{block}/{module}/{part}"] = tensor.contiguous()
+        tensors.update(components_to_tensors(surrogates, lora, prefix=f"{stage}/"))
     save_file(tensors, directory / STAGES_FILE, metadata={"blocks": json.dumps(log.blocks)})
 
 
@@ -45,11 +59,12 @@ def load_stage_log(directory: Path) -> StageLog:
 
     with safe_open(path, "pt") as handle:
         blocks = json.loads(handle.metadata()["blocks"])
-    log = StageLog(surrogates=[{} for _ in blocks], lora=[{} for _ in blocks], blocks=blocks)
-    for key, tensor in load_file(path).items():
-        stage, kind, block, item, part = key.split("/")
-        target = log.surrogates if kind == "surrogate" else log.lora
-        target[int(stage)].setdefault(block, {}).setdefault(item, {})[part] = tensor
+    tensors = load_file(path)
+    log = StageLog(blocks=blocks)
+    for stage in range(len(blocks)):
+        surrogates, lora = tensors_to_components(tensors, prefix=f"{stage}/")
+        log.surrogates.append(surrogates)
+        log.lora.append(lora)
     return log
 
 

@@ -7,6 +7,7 @@ import copy
 import inspect
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -122,11 +123,14 @@ def run_stage(
     originals: dict[str, nn.Module],
     options: SandwichOptions,
     seed: int = 0,
+    spill_folder: Path | None = None,
+    keep_spilled: bool = False,
 ) -> tuple[StageReport, dict[str, Any], dict[str, Any]]:
     """Train the sandwich around ``new_block`` (already replaced) and merge the result into ``model``.
 
     ``originals`` holds CPU copies of the unpruned blocks that earlier stages changed; this stage adds the
-    ones it changes. Returns the report, the trained surrogate weights and the LoRA factors. On a NaN or
+    ones it changes. Activations past the budget spill to ``spill_folder`` (default: a temporary folder);
+    LoRA initialisation and batch order draw only on ``seed``. Returns the report, the trained surrogate weights and the LoRA factors. On a NaN or
     Inf loss the span's weights from before the stage are restored and :class:`SandwichDivergedError` names
     the block.
     """
@@ -145,16 +149,20 @@ def run_stage(
     snapshot = {n: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for n, m in zip(span_names, modules)}
     requires_grad = {id(p): p.requires_grad for m in modules for p in m.parameters()}
 
-    train_inputs = record_span_inputs(model, span, train_batches, options.activation_budget)
-    held_inputs = record_span_inputs(model, span, held_batches, options.activation_budget)
+    budget = options.activation_budget
+    train_inputs = record_span_inputs(model, span, train_batches, budget, spill_folder)
+    held_inputs = record_span_inputs(model, span, held_batches, budget, spill_folder)
     train_targets, held_targets = _targets(model, span, span_names, originals, train_batches, held_batches,
-                                           train_inputs, held_inputs, options, device)
+                                           train_inputs, held_inputs, options, device, spill_folder)
     stores = (train_inputs, held_inputs, train_targets, held_targets)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loss_before, error_before = _evaluate(modules, span, held_inputs, held_targets, device)
 
     dtypes = {n: next(model.get_submodule(n).parameters()).dtype for n in surrogates}
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    rng.__enter__()
+    torch.manual_seed(seed)
     lora_models = []
     for module in modules:
         module.requires_grad_(False)
@@ -174,6 +182,8 @@ def run_stage(
         for store in stores:
             store.close()
         raise
+    finally:
+        rng.__exit__(None, None, None)
     loss_after, error_after = _evaluate(modules, span, held_inputs, held_targets, device)
     trained = {n: {s: {"weight": l.weight.detach().cpu().clone(), "bias": l.bias.detach().cpu().clone()}
                    for s, l in model.get_submodule(n).linears.items()} for n in surrogates}
@@ -187,28 +197,30 @@ def run_stage(
             parameter.requires_grad_(requires_grad.get(id(parameter), True))
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     spilled = sum(store.spilled for store in stores)
-    for store in stores:
-        store.close()
+    if not (keep_spilled and spill_folder is not None):
+        for store in stores:
+            store.close()
     report = StageReport(new_block, span_names, [n for n, _ in lora_models], surrogates, options.steps, loss_before,
                          loss_after, error_before, error_after, time.perf_counter() - started, peak, spilled)
     return report, trained, lora
 
 
-def _targets(model, span, span_names, originals, train_batches, held_batches, train_inputs, held_inputs, options, device):
+def _targets(model, span, span_names, originals, train_batches, held_batches, train_inputs, held_inputs, options, device,
+             spill_folder):
     if options.target == "global":
         current = {n: model.get_submodule(n) for n in originals}
         for name, original in originals.items():
             set_submodule(model, name, copy.deepcopy(original).to(device))
         try:
-            return (record_block_outputs(model, span[-1], train_batches, options.activation_budget),
-                    record_block_outputs(model, span[-1], held_batches, options.activation_budget))
+            return (record_block_outputs(model, span[-1], train_batches, options.activation_budget, spill_folder),
+                    record_block_outputs(model, span[-1], held_batches, options.activation_budget, spill_folder))
         finally:
             for name, module in current.items():
                 set_submodule(model, name, module)
     unpruned = [copy.deepcopy(originals[n]).to(device) if n in originals else model.get_submodule(n) for n in span_names]
     results = []
     for inputs in (train_inputs, held_inputs):
-        store = ActivationStore(options.activation_budget)
+        store = ActivationStore(options.activation_budget, spill_folder)
         with torch.no_grad(), _autocast(device):
             for index in range(len(inputs)):
                 store.append(run_span(unpruned, span, moved(inputs[index], device)))
@@ -232,7 +244,7 @@ def _train(modules, span, inputs, targets, trainable, options, device, seed, blo
                 loss = squared / count
             if not torch.isfinite(loss):
                 raise SandwichDivergedError(
-                    f"sandwich training of block {block_name} diverged (loss {float(loss)} at step {step}); the "
+                    f"sandwich training of block {block_name} diverged (loss {float(loss.detach())} at step {step}); the "
                     f"stage was rolled back: lower sandwich_lr (now {options.lr}) or check the calibration data"
                 )
             (loss / options.batch_size).backward()
