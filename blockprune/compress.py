@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .adapter import Block
 from .errors import BlockpruneError
 from .fingerprint import data_fingerprint, model_fingerprint, value_fingerprint
@@ -70,7 +70,10 @@ def _workdir(run: Run, ratio: float, order: Any, weights: dict, sandwich: Sandwi
         **{k: options[k] for k in ("ridge", "record_device", "score_batches", "ablation", "rescore")},
         "metric_options": value_fingerprint(options["metric_options"] or {}),
     }
-    return Workdir(options["workdir"], key)
+    if distributed.is_main():
+        workdir = Workdir(options["workdir"], key)
+    distributed.barrier()  # rank 0 creates the workdir; the others only read it
+    return workdir if distributed.is_main() else Workdir(options["workdir"], key, writer=False)
 
 
 def compress(
@@ -100,6 +103,9 @@ def compress(
     transformer = transformer_of(model)
     ratio = _check_ratio(ratio)
     checked = check_options(options)
+    distributed.init_from_environment()
+    device = device if device is not None else distributed.default_device()
+    progress = progress and distributed.is_main()
     sandwich_options = SandwichOptions.from_options(checked) if sandwich else None
     if hasattr(transformer, PLAN_ATTRIBUTE):
         raise BlockpruneError("this model is already compressed; compress the original model instead")

@@ -12,6 +12,7 @@ import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .adapter import BlockSpec
 from .blocks import set_submodule
 from .errors import BlockpruneError
@@ -48,10 +49,13 @@ def save_pretrained(model: Any, directory: str | os.PathLike, max_shard_bytes: i
     Files: the diffusers ``config.json`` of the base model, safetensors with the kept blocks' and the
     surrogates' weights (none of the replaced blocks'), sharded past ``max_shard_bytes``, and
     ``blockprune.json`` (format version, adapter, replaced blocks with their stream shapes, dtype, plan),
+    written by rank 0 alone under a distributed launch,
     and, after sandwich training, ``stages.safetensors`` with each stage's trained components (for reuse).
     """
     transformer = transformer_of(model)
     compressed = plan(transformer)
+    if not distributed.is_main():  # under a distributed launch rank 0 alone writes
+        return
     if not hasattr(transformer, "save_config"):
         raise BlockpruneError(
             f"save_pretrained needs a diffusers model with a config (ConfigMixin); {type(transformer).__name__} has none"

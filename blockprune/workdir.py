@@ -52,11 +52,13 @@ class Workdir:
     """Importance scores and finished stages of one ``compress`` call, resumable after an interruption.
 
     ``key`` holds everything the result depends on; a workdir made by a call with another key is refused.
-    A file counts only once the manifest lists it with its checksum; the manifest is written last.
+    A file counts only once the manifest lists it with its checksum; the manifest is written last. Only a
+    ``writer`` (rank 0 of a distributed launch) writes; the other ranks read what it wrote.
     """
 
-    def __init__(self, path: str | os.PathLike, key: dict[str, Any]) -> None:
+    def __init__(self, path: str | os.PathLike, key: dict[str, Any], writer: bool = True) -> None:
         self.path = Path(path)
+        self.writer = writer
         self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
         self.path.mkdir(parents=True, exist_ok=True)
         manifest = self.path / MANIFEST
@@ -76,9 +78,12 @@ class Workdir:
             self._commit()
 
     def _commit(self) -> None:
-        write_atomically(self.path / MANIFEST, json.dumps(self.manifest, indent=2).encode())
+        if self.writer:
+            write_atomically(self.path / MANIFEST, json.dumps(self.manifest, indent=2).encode())
 
     def _write(self, name: str, data: bytes) -> None:
+        if not self.writer:
+            return
         write_atomically(self.path / name, data)
         self.manifest["files"][name] = _digest(self.path / name)
         self._commit()
@@ -136,7 +141,8 @@ class Workdir:
 
     def drop_activations(self, index: int) -> None:
         """Delete stage ``index``'s activation shards."""
-        shutil.rmtree(self.path / "activations" / f"stage-{index:03d}", ignore_errors=True)
+        if self.writer:
+            shutil.rmtree(self.path / "activations" / f"stage-{index:03d}", ignore_errors=True)
 
     def disk_usage(self) -> int:
         """Bytes used by the workdir."""

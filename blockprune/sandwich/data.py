@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -75,7 +76,7 @@ class ActivationStore:
             return
         if self.folder is None:
             self.folder = Path(tempfile.mkdtemp(prefix="blockprune-activations-"))
-        path = self.folder / f"{id(self)}-{len(self.items)}.pt"
+        path = self.folder / f"{os.getpid()}-{id(self)}-{len(self.items)}.pt"
         torch.save(item, path)
         self.items.append(path)
 

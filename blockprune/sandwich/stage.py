@@ -16,6 +16,7 @@ from peft.tuners.lora import LoraModel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import distributed
 from ..adapter import Adapter, Block, forward_signature
 from ..blocks import set_submodule
 from ..errors import BlockpruneError
@@ -91,13 +92,15 @@ def _autocast(device: torch.device):
 
 
 def _evaluate(modules, span, inputs: ActivationStore, targets: ActivationStore, device) -> tuple[float, float]:
-    squared = reference = 0.0
-    count = 0
+    """(MSE, relative squared error) of the span against its targets, summed over every rank's batches."""
+    sums = torch.zeros(3, dtype=torch.float64)
     with torch.no_grad(), _autocast(device):
         for index in range(len(inputs)):
             outputs = run_span(modules, span, moved(inputs[index], device))
             s, r, c = _errors(outputs, moved(targets[index], device))
-            squared, reference, count = squared + float(s), reference + float(r), count + c
+            sums += torch.tensor([float(s), float(r), c], dtype=torch.float64)
+    distributed.all_reduce_sum([sums])
+    squared, reference, count = sums.tolist()
     return squared / max(count, 1), squared / reference if reference > 0 else squared
 
 
@@ -150,6 +153,8 @@ def run_stage(
     requires_grad = {id(p): p.requires_grad for m in modules for p in m.parameters()}
 
     budget = options.activation_budget
+    total_train = len(train_batches)
+    train_batches, held_batches = distributed.shard(train_batches), distributed.shard(held_batches)
     train_inputs = record_span_inputs(model, span, train_batches, budget, spill_folder)
     held_inputs = record_span_inputs(model, span, held_batches, budget, spill_folder)
     train_targets, held_targets = _targets(model, span, span_names, originals, train_batches, held_batches,
@@ -176,7 +181,7 @@ def run_stage(
     trainable = [p for m in modules for p in m.parameters() if p.requires_grad]
     try:
         if trainable:
-            _train(modules, span, train_inputs, train_targets, trainable, options, device, seed, new_block)
+            _train(modules, span, train_inputs, train_targets, total_train, trainable, options, device, seed, new_block)
     except SandwichDivergedError:
         _restore(model, span_names, snapshot, lora_models, dtypes, requires_grad)
         for store in stores:
@@ -228,26 +233,40 @@ def _targets(model, span, span_names, originals, train_batches, held_batches, tr
     return tuple(results)
 
 
-def _train(modules, span, inputs, targets, trainable, options, device, seed, block_name) -> None:
+def _train(modules, span, inputs, targets, total, trainable, options, device, seed, block_name) -> None:
+    """AdamW on MSE. Each step takes ``batch_size`` batches from a seeded permutation of all ``total`` training
+    batches; under a launcher each rank runs the ones it recorded (every ``world_size``-th) and gradients are
+    summed over ranks, which is the single-process accumulation up to float rounding."""
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
+    world, rank = distributed.world_size(), distributed.rank() if distributed.active() else 0
     order: list[int] = []
     for step in range(options.steps):
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)
+        for parameter in trainable:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        finite = torch.ones(1, dtype=torch.float64)
         for _ in range(options.batch_size):
             if not order:
-                order = torch.randperm(len(inputs), generator=generator).tolist()
+                order = torch.randperm(total, generator=generator).tolist()
             index = order.pop()
+            if index % world != rank:
+                continue
             with torch.enable_grad(), _autocast(device):
-                outputs = run_span(modules, span, moved(inputs[index], device), options.gradient_checkpointing)
-                squared, _, count = _errors(outputs, moved(targets[index], device))
+                outputs = run_span(modules, span, moved(inputs[index // world], device), options.gradient_checkpointing)
+                squared, _, count = _errors(outputs, moved(targets[index // world], device))
                 loss = squared / count
             if not torch.isfinite(loss):
-                raise SandwichDivergedError(
-                    f"sandwich training of block {block_name} diverged (loss {float(loss.detach())} at step {step}); the "
-                    f"stage was rolled back: lower sandwich_lr (now {options.lr}) or check the calibration data"
-                )
+                finite.zero_()
+                break
             (loss / options.batch_size).backward()
+        distributed.all_reduce_sum([finite, *[p.grad for p in trainable]])
+        if finite.item() < world:
+            raise SandwichDivergedError(
+                f"sandwich training of block {block_name} diverged (NaN or Inf loss at step {step}); the stage "
+                f"was rolled back: lower sandwich_lr (now {options.lr}) or check the calibration data"
+            )
         optimizer.step()
 
 
