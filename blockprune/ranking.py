@@ -164,6 +164,9 @@ def importance(
     disk, so a later ``compress`` of the same model and data at any ratio costs no scoring.
     """
     resolve_metrics(importance)  # bad metric names fail before any work
+    distributed.init_from_environment()
+    device = device if device is not None else distributed.default_device()
+    progress = progress and distributed.is_main()
     run = prepare_run(model, adapter, calibration, device, options)
     with progress_bars(progress) as bars:
         table = score_run(run, importance, bars=bars)
