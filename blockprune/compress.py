@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
 from collections.abc import Mapping
@@ -112,7 +113,16 @@ def compress(
     reuse_from = checked["reuse_from"]
     weights = resolve_metrics(importance)[0] if order == "importance" and reuse_from is None else {}
     torch.manual_seed(seed)
-    run = prepare_run(model, adapter, calibration, device, options)
+    with contextlib.ExitStack() as stack:
+        run = prepare_run(model, adapter, calibration, device, options, stack)
+        _compress_run(run, ratio, order, importance, weights, sandwich_options, seed, progress, checked)
+    return model
+
+
+def _compress_run(run: Run, ratio, order, importance, weights, sandwich_options, seed, progress, checked) -> None:
+    """Choose and replace the blocks of a prepared run (or assemble them with ``reuse_from``)."""
+    transformer = run.transformer
+    reuse_from = checked["reuse_from"]
     blocks = run.blocks
     count = round(ratio * len(blocks))
     if count == 0:
@@ -150,7 +160,6 @@ def compress(
     _finish(transformer, result, log, run.batches[0])
     if progress:
         print_plan(result)
-    return model
 
 
 def _finish(transformer: torch.nn.Module, result: Plan, log: StageLog, batch: dict) -> None:

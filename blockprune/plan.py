@@ -55,6 +55,7 @@ class Plan:
     sandwich: dict[str, Any] = field(default_factory=dict)
     reused_from: str | None = None
     workdir_bytes: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase of this call
 
     @property
     def replaced_names(self) -> list[str]:

@@ -3,10 +3,13 @@ workdir when there is one, so that an interrupted run resumes after its last fin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import signal
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -127,12 +130,27 @@ class Progressive:
                 self.table = ImportanceTable.from_dict(cached)
             else:
                 remaining = [b for b in self.run.blocks if b.name not in self.replaced]
-                self.table = score_run(self.run, self.importance, remaining, bars)
+                with self._timed("scoring"):
+                    self.table = score_run(self.run, self.importance, remaining, bars)
                 if self.workdir is not None:
                     self.workdir.write_json(name, self.table.to_dict())
             if step == 0:
                 self.plan.metric_values, self.plan.scores = self.table.values, self.table.scores
         return self.table.order[0] if each else self.table.order[step]
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        """Add the wall time of the ``with`` body to ``plan.seconds[phase]`` (GPU work included)."""
+        device = next(self.run.transformer.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.plan.seconds[phase] = self.plan.seconds.get(phase, 0.0) + time.perf_counter() - started
 
     def _keep_original(self, names: list[str]) -> None:
         if self.sandwich is not None:
@@ -144,18 +162,23 @@ class Progressive:
         model, options = self.run.transformer, self.run.options
         name = self._choose(step, bars)
         self._keep_original([name])
-        entry = replace_block(model, self.by_name[name], self.least_squares, options["ridge"], options["record_device"])
+        home = next(model.get_submodule(name).parameters()).device
+        with self._timed("least_squares"):
+            entry = replace_block(model, self.by_name[name], self.least_squares, options["ridge"],
+                                  options["record_device"])
         entry.score = self.table.scores.get(name) if self.table is not None else None
         self.replaced.add(name)
         report, trained, lora = None, {}, {}
         if self.sandwich is not None:
             folder = self.workdir.activations(step) if self.workdir is not None else None
             try:
-                report, trained, lora = run_stage(model, self.run.adapter, self.run.blocks, self.replaced, name,
-                                                  self.train, self.held, self.originals, self.sandwich,
-                                                  self.seed + step, folder, self.keep_activations)
+                with self._timed("sandwich"):
+                    report, trained, lora = run_stage(model, self.run.adapter, self.run.blocks, self.replaced, name,
+                                                      self.train, self.held, self.originals, self.sandwich,
+                                                      self.seed + step, folder, self.keep_activations,
+                                                      self.run.offload)
             except BaseException:
-                set_submodule(model, name, self.originals[name].to(next(model.parameters()).device))
+                set_submodule(model, name, copy.deepcopy(self.originals[name]).to(home))
                 self.replaced.discard(name)
                 raise
             finally:

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import distributed
 from .adapter import Block, bind_inputs
-from .calibration import StopForward, run_model
+from .calibration import StopForward, model_device, run_model
 from .errors import NonFiniteActivationError
 from .hooks import attached
 
@@ -78,12 +78,12 @@ def record_block(
 
     Under a distributed launch each rank records its share of the batches and the sums are all-reduced.
 
-    Accumulators live on ``device`` (default: the block's device). With ``stop_early`` the forward stops
+    Accumulators live on ``device`` (default: the model's device, where its first parameter is). With ``stop_early`` the forward stops
     right after the block, since nothing downstream is needed.
     """
     module = model.get_submodule(block.name)
     if device is None:
-        device = next(module.parameters()).device
+        device = model_device(model)
     accumulators = {s: StreamAccumulator(d, device) for s, d in block.stream_dims.items()}
     current = {"batch": 0}
 

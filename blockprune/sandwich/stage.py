@@ -128,6 +128,7 @@ def run_stage(
     seed: int = 0,
     spill_folder: Path | None = None,
     keep_spilled: bool = False,
+    offload: Any = None,
 ) -> tuple[StageReport, dict[str, Any], dict[str, Any]]:
     """Train the sandwich around ``new_block`` (already replaced) and merge the result into ``model``.
 
@@ -135,8 +136,19 @@ def run_stage(
     ones it changes. Activations past the budget spill to ``spill_folder`` (default: a temporary folder);
     LoRA initialisation and batch order draw only on ``seed``. Returns the report, the trained surrogate weights and the LoRA factors. On a NaN or
     Inf loss the span's weights from before the stage are restored and :class:`SandwichDivergedError` names
-    the block.
+    the block. With ``offload`` (an :class:`blockprune.offload.Offload`) only the span stays on the accelerator.
     """
+    if offload is None:
+        return _run_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals,
+                          options, seed, spill_folder, keep_spilled)
+    names = [b.name for b in blocks]
+    with offload.pinned(sandwich_span(names, replaced, names.index(new_block), options.width)):
+        return _run_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals,
+                          options, seed, spill_folder, keep_spilled)
+
+
+def _run_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals, options, seed,
+               spill_folder, keep_spilled):
     started = time.perf_counter()
     names = [b.name for b in blocks]
     span_names = sandwich_span(names, replaced, names.index(new_block), options.width)
