@@ -17,8 +17,13 @@ def build(device: str | torch.device, dtype: torch.dtype = torch.bfloat16, doubl
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = FluxTransformer2DModel(**{**FLUX_DEV, "num_layers": double, "num_single_layers": single})
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype: 12 B parameters in float32 need 48 GB
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**{**FLUX_DEV, "num_layers": double, "num_single_layers": single})
+    finally:
+        torch.set_default_dtype(default)
     return model.to(dtype).eval()
 
 

@@ -25,6 +25,7 @@ class Offload:
         self.device = torch.device(device)
         self.pinned_names: set[str] = set()
         self.moving: set[int] = set()
+        self.stash: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.handles: list[Any] = []
 
     def refresh(self) -> None:
@@ -35,11 +36,22 @@ class Offload:
         if module is self.model:
             self.refresh()
         elif id(module) in self.moving:
-            module.to(self.device)
+            if torch.is_grad_enabled():
+                module.to(self.device)
+                return
+            # inference: keep the CPU tensors and only point the parameters at device copies for this call
+            self.stash[id(module)] = [(t, t.data) for t in (*module.parameters(), *module.buffers())]
+            for tensor, data in self.stash[id(module)]:
+                tensor.data = data.to(self.device, non_blocking=True)
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         if id(module) in self.moving:
-            module.to("cpu")
+            stashed = self.stash.pop(id(module), None)
+            if stashed is None:
+                module.to("cpu")
+                return
+            for tensor, data in stashed:
+                tensor.data = data
 
     def _outside_blocks(self) -> Iterator[nn.Module]:
         prefixes = tuple(f"{name}." for name in self.blocks)

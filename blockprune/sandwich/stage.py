@@ -48,6 +48,7 @@ class StageReport:
     seconds: float
     peak_memory_bytes: int | None
     spilled_items: int = 0
+    train_seconds: float = 0.0
 
 
 @dataclass
@@ -192,6 +193,7 @@ def _run_stage(model, adapter, blocks, replaced, new_block, train_batches, held_
             lora_models.append((name, LoraModel(model.get_submodule(name), config, ADAPTER_NAME)))
     trainable = [p for m in modules for p in m.parameters() if p.requires_grad]
     try:
+        train_started = time.perf_counter()
         if trainable:
             _train(modules, span, train_inputs, train_targets, total_train, trainable, options, device, seed, new_block)
     except SandwichDivergedError:
@@ -201,6 +203,9 @@ def _run_stage(model, adapter, blocks, replaced, new_block, train_batches, held_
         raise
     finally:
         rng.__exit__(None, None, None)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - train_started
     loss_after, error_after = _evaluate(modules, span, held_inputs, held_targets, device)
     trained = {n: {s: {"weight": l.weight.detach().cpu().clone(), "bias": l.bias.detach().cpu().clone()}
                    for s, l in model.get_submodule(n).linears.items()} for n in surrogates}
@@ -218,7 +223,8 @@ def _run_stage(model, adapter, blocks, replaced, new_block, train_batches, held_
         for store in stores:
             store.close()
     report = StageReport(new_block, span_names, [n for n, _ in lora_models], surrogates, options.steps, loss_before,
-                         loss_after, error_before, error_after, time.perf_counter() - started, peak, spilled)
+                         loss_after, error_before, error_after, time.perf_counter() - started, peak, spilled,
+                         train_seconds)
     return report, trained, lora
 
 
