@@ -86,7 +86,7 @@ def run_demo(ratio: float = 0.2, output: str | Path = "blockprune-demo", seed: i
     with torch.no_grad():
         reference = [output_tensor(model(**b)) for b in held_out]
     started = time.perf_counter()
-    blockprune.compress(model, adapter="flux", ratio=ratio, calibration=calibration, sandwich=False, seed=seed)
+    blockprune.compress(model, adapter="flux", ratio=ratio, calibration=calibration, seed=seed, cache_dir=False)
     elapsed = time.perf_counter() - started
     blockprune.save_pretrained(model, output)
     loaded = blockprune.from_pretrained(output)

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from .errors import BlockpruneError
+from .sandwich.stage import StageReport
 
 PLAN_ATTRIBUTE = "_blockprune_plan"
 
@@ -61,6 +62,11 @@ class Plan:
     flops_before: int | None = None
     flops_after: int | None = None
     seed: int = 0
+    stages: list[StageReport] = field(default_factory=list)
+    sandwich: dict[str, Any] = field(default_factory=dict)
+    reused_from: str | None = None
+    workdir_bytes: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase of this call
     fused: list[FusedRun] = field(default_factory=list)
 
     @property
@@ -80,6 +86,7 @@ class Plan:
             ReplacedBlock(**{**r, "streams": {s: StreamReport(**v) for s, v in r["streams"].items()}})
             for r in data.get("replaced", [])
         ]
+        data["stages"] = [StageReport(**stage) for stage in data.get("stages", [])]
         data["fused"] = [FusedRun(**run) for run in data.get("fused", [])]
         return cls(**data)
 

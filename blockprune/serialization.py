@@ -12,11 +12,13 @@ import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .adapter import BlockSpec
 from .blocks import set_submodule
 from .errors import BlockpruneError
 from .fusion import fuse as fuse_runs
 from .plan import PLAN_ATTRIBUTE, Plan, plan, transformer_of
+from .sandwich.reuse import LOG_ATTRIBUTE, load_stage_log, save_stage_log
 from .surrogate import LinearSurrogate
 
 FORMAT_VERSION = 1
@@ -51,14 +53,18 @@ def save_pretrained(
 
     Files: the diffusers ``config.json`` of the base model, safetensors with the kept blocks' and the
     surrogates' weights (none of the replaced blocks'), sharded past ``max_shard_bytes``, and
-    ``blockprune.json`` (format version, adapter, replaced blocks with their stream shapes, dtype, plan).
-    With ``fuse=True`` the model is first fused in place (:func:`blockprune.fuse`). The default keeps
-    the per-block maps, which retraining and reuse across ratios need, and leaves the model as it is.
+    ``blockprune.json`` (format version, adapter, replaced blocks with their stream shapes, dtype, plan),
+    written by rank 0 alone under a distributed launch,
+    and, after sandwich training, ``stages.safetensors`` with each stage's trained components (for reuse).
+    With ``fuse=True`` the model is first fused in place (:func:`blockprune.fuse`, on every rank). The
+    default keeps the per-block maps, which retraining and ``reuse_from`` need, and leaves the model as it is.
     """
     transformer = transformer_of(model)
     compressed = plan(transformer)
     if fuse:
         fuse_runs(transformer)
+    if not distributed.is_main():  # under a distributed launch rank 0 alone writes
+        return
     if not hasattr(transformer, "save_config"):
         raise BlockpruneError(
             f"save_pretrained needs a diffusers model with a config (ConfigMixin); {type(transformer).__name__} has none"
@@ -96,6 +102,9 @@ def save_pretrained(
         "plan": compressed.to_dict(),
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    log = getattr(transformer, LOG_ATTRIBUTE, None)
+    if log is not None and log.blocks:
+        save_stage_log(log, directory)
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
@@ -187,4 +196,5 @@ def from_pretrained(
     if device is not None:
         model.to(device)
     setattr(model, PLAN_ATTRIBUTE, Plan.from_dict(manifest["plan"]))
+    setattr(model, LOG_ATTRIBUTE, load_stage_log(directory))
     return model.eval()

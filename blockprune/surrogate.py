@@ -36,7 +36,7 @@ class LinearSurrogate(nn.Module):
                 f"stream {unknown[0]!r} is not a stream of the replaced block; its streams: {spec.streams}"
             )
         self.spec = spec
-        self.signature = signature
+        self.forward_signature = signature
         self.replaces = replaces
         self.linears = nn.ModuleDict(
             {
@@ -84,7 +84,7 @@ class LinearSurrogate(nn.Module):
             linear.bias.copy_(bias.to(linear.bias))
 
     def forward(self, *args, **kwargs):
-        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        bound = self.forward_signature.bind_partial(*args, **kwargs).arguments
 
         def stream_out(stream: str) -> torch.Tensor:
             x = bound[stream]

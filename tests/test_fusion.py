@@ -185,3 +185,12 @@ def test_surrogate_rejects_a_map_for_a_stream_its_block_lacks():
     block = make_sd3().transformer_blocks[3]
     with pytest.raises(BlockpruneError, match="stream 'encoder_hidden_states' is not a stream of the replaced block"):
         LinearSurrogate.for_block(block, spec, {"hidden_states": 16, "encoder_hidden_states": 16})
+
+
+@pytest.mark.parametrize("source", ["folder", "model"])
+def test_reuse_from_a_fused_model_is_refused(source, tmp_path):
+    higher = _compressed(make_flux, flux_batches, "flux", ["transformer_blocks.0", "transformer_blocks.1"])
+    blockprune.save_pretrained(higher, tmp_path, fuse=True)
+    with pytest.raises(BlockpruneError, match="reuse_from was fused .* its per-block linear maps are gone"):
+        blockprune.compress(make_flux(), ratio=0.25, calibration=flux_batches(2), progress=False,
+                            reuse_from=tmp_path if source == "folder" else higher)
