@@ -95,7 +95,7 @@ class Adapter:
         raise NotImplementedError
 
     def block_lists(self, model: nn.Module) -> list[str]:
-        """Module paths of the block lists (``nn.ModuleList``), in data-flow order."""
+        """Module paths of the block lists (``nn.ModuleList``); blocks are ordered as they run in the forward pass."""
         raise NotImplementedError
 
     def block_spec(self, name: str, block: nn.Module) -> BlockSpec:

@@ -8,6 +8,7 @@ from importlib import resources
 from typing import Any
 
 import torch
+from diffusers.utils import BaseOutput
 from torch import nn
 
 from .adapter import bind_inputs
@@ -107,9 +108,17 @@ def run_model(model: nn.Module, batch: Mapping[str, Any], index: int) -> Any:
 
 
 def output_tensor(output: Any) -> torch.Tensor:
-    """The main tensor of a model's output (``.sample`` of diffusers outputs, or the first item)."""
+    """The main tensor of a model's output: ``.sample`` (else the first field) of a diffusers output, or the first item.
+
+    A list of per-sample tensors (Z-Image returns one per image) is flattened into one tensor.
+    """
     if isinstance(output, torch.Tensor):
         return output
+    if isinstance(output, BaseOutput):
+        sample = output.sample if "sample" in output else output.to_tuple()[0]
+        if isinstance(sample, list) and sample and all(isinstance(item, torch.Tensor) for item in sample):
+            return torch.cat([item.flatten() for item in sample])
+        return sample
     if hasattr(output, "sample"):
         return output.sample
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):

@@ -96,6 +96,16 @@ class LinearSurrogate(nn.Module):
             return stream_out(self.spec.outputs)
         return tuple(None if s is None else stream_out(s) for s in self.spec.outputs)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            replaced = self.__dict__.get("replaces") or "block"
+            raise AttributeError(
+                f"the model reads {name!r} of a replaced {replaced} (now a LinearSurrogate); the model's adapter must "
+                f"keep it on the surrogate with BlockSpec(kept_submodules=...)"
+            ) from None
+
     def extra_repr(self) -> str:
         passed = [s for s in self.spec.streams if s not in self.linears]
         through = f", passes through={passed}" if passed else ""

@@ -27,7 +27,7 @@ def test_ratio_that_rounds_to_zero_blocks():
 
 
 def test_unknown_adapter_lists_known_ones():
-    with pytest.raises(BlockpruneError, match=r"unknown adapter 'fluxx'; known adapters: dit, flux, generic, sd3"):
+    with pytest.raises(BlockpruneError, match=r"unknown adapter 'fluxx'; known adapters: ace_step, dit, flux, generic, sd3"):
         _compress(adapter="fluxx")
 
 
@@ -38,7 +38,7 @@ def test_adapter_that_does_not_match_the_model():
 
 def test_auto_without_matching_adapter_points_to_generic():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    with pytest.raises(BlockpruneError, match=r"no adapter matches Sequential; known adapters: dit, flux, sd3\. Pass adapter='generic'"):
+    with pytest.raises(BlockpruneError, match=r"no adapter matches Sequential; known adapters: ace_step, dit, flux, sd3\. Pass adapter='generic'"):
         _compress(model)
 
 
