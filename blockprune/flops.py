@@ -32,19 +32,28 @@ def count_flops(model: nn.Module, batch: dict[str, Any]) -> int | None:
     counter too is the model's own failure and raises.
     """
     counter = FlopCounterMode(display=False)
+    if not _counted(model, batch, counter):
+        return None
+    return int(counter.get_total_flops())
+
+
+def _counted(model: nn.Module, batch: dict[str, Any], counting: Any) -> bool:
+    """Run the model on ``batch`` inside the ``counting`` context; ``False`` (with a warning) where torch's FLOP
+    counter cannot run it."""
     try:
-        with counter:
+        with counting:
             run_model(model, batch, 0)
     except BlockpruneError as error:
         torch._dynamo.reset()  # a flex-attention compile that failed under the counter stays cached otherwise
         run_model(model, batch, 0)
         logger.warning("FLOPs not counted: torch's FLOP counter cannot run %s (%s)", type(model).__name__, error)
-        return None
-    return int(counter.get_total_flops())
+        return False
+    return True
 
 
 def block_flops(model: nn.Module, names: list[str], batch: dict[str, Any]) -> dict[str, int]:
-    """FLOPs of each module in ``names`` on the inputs it receives during a forward on ``batch``.
+    """FLOPs of each module in ``names`` on the inputs it receives during a forward on ``batch`` (empty where
+    torch's FLOP counter cannot run the model).
 
     Each module runs once more on its own under the counter (its forward called directly, so hooks do
     not fire again), so a count never depends on how torch attributes ops to the module stack.
@@ -60,8 +69,8 @@ def block_flops(model: nn.Module, names: list[str], batch: dict[str, Any]) -> di
 
         return hook
 
-    with attached(model, {name: make_hook(name) for name in names}, pre=True):
-        run_model(model, batch, 0)
+    if not _counted(model, batch, attached(model, {name: make_hook(name) for name in names}, pre=True)):
+        return {}
     return counts
 
 
