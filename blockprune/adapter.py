@@ -67,8 +67,15 @@ class Block:
 
 
 def bind_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Map a call's positional and keyword arguments to the forward's parameter names."""
-    return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    """Map a call's positional and keyword arguments to the forward's parameter names.
+
+    A module that takes ``*args, **kwargs`` on behalf of the block it replaces (a ``LinearSurrogate``) keeps
+    that block's signature as its ``signature`` attribute, and is bound with it.
+    """
+    signature = getattr(module, "signature", None)
+    if not isinstance(signature, inspect.Signature):
+        signature = inspect.signature(module.forward)
+    return signature.bind_partial(*args, **kwargs).arguments
 
 
 class Adapter:

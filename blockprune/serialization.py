@@ -41,6 +41,17 @@ def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[s
     return shards
 
 
+def _refuse_adapter_layers(model: torch.nn.Module) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if wrapped:
+        raise BlockpruneError(
+            f"the model has LoRA (peft) layers, e.g. {wrapped[0]}, which from_pretrained could not rebuild; merge them "
+            f"first with model.fuse_lora() and model.unload_lora(), or save the adapter apart with save_lora_adapter()"
+        )
+
+
 def save_pretrained(model: Any, directory: str | os.PathLike, max_shard_bytes: int = 10 * 2**30) -> None:
     """Write a compressed transformer (or a pipeline's) to ``directory``.
 
@@ -54,6 +65,7 @@ def save_pretrained(model: Any, directory: str | os.PathLike, max_shard_bytes: i
         raise BlockpruneError(
             f"save_pretrained needs a diffusers model with a config (ConfigMixin); {type(transformer).__name__} has none"
         )
+    _refuse_adapter_layers(transformer)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     transformer.save_config(directory)
@@ -66,6 +78,7 @@ def save_pretrained(model: Any, directory: str | os.PathLike, max_shard_bytes: i
     shards = _shards(state, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], directory / WEIGHTS, metadata={"format": "pt"})
+        (directory / INDEX).unlink(missing_ok=True)  # a stale index from an earlier sharded save would win on load
     else:
         weight_map = {}
         for number, shard in enumerate(shards, 1):
