@@ -96,6 +96,18 @@ def test_sharded_round_trip(tmp_path):
         assert torch.equal(output_tensor(loaded(**held_out[0])), output_tensor(model(**held_out[0])))
 
 
+def test_saving_unsharded_over_a_sharded_save_removes_the_stale_index(tmp_path):
+    first, _ = _compressed("flux")
+    blockprune.save_pretrained(first, tmp_path, max_shard_bytes=20_000)
+    second, held_out = _compressed("flux", ratio=0.25)
+    blockprune.save_pretrained(second, tmp_path)
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    loaded = blockprune.from_pretrained(tmp_path)
+    assert len(blockprune.plan(loaded).replaced) == 1
+    with torch.no_grad():
+        assert torch.equal(output_tensor(loaded(**held_out[0])), output_tensor(second(**held_out[0])))
+
+
 def test_pipeline_round_trip_into_a_pipeline_slot(tmp_path):
     model, held_out = _compressed("flux")
     blockprune.save_pretrained(model, tmp_path)
