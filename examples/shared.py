@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -124,7 +123,7 @@ def generate(pipe: Any, adapter: str, prompts: list[str], seeds: list[int], step
 
 def save_grid(rows: list[torch.Tensor], path: Path) -> None:
     """One PNG with one row of images per tensor ``(N, 3, H, W)`` in [0, 1]."""
-    pictures = [[np.asarray(i.clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255, dtype=np.uint8) for i in row]
+    pictures = [[(i.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy() for i in row]
                 for row in rows]
     height, width = pictures[0][0].shape[:2]
     grid = Image.new("RGB", (width * len(pictures[0]), height * len(pictures)))

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import blockprune
 
@@ -49,3 +50,35 @@ def test_tiny_flux_with_an_unknown_small_model(tmp_path):
     result = run_example("flux/compress_flux.py", "--tiny", "--model", "flux-huge", cwd=tmp_path)
     assert result.returncode == 2
     assert "unknown small model 'flux-huge'" in result.stderr
+
+
+def test_with_a_pipeline_the_example_draws_the_grid_and_times_generations(tmp_path, capsys):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import shared
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from test_pipeline import tiny_dit_pipeline
+    from PIL import Image
+
+    def build(args):
+        pipe = tiny_dit_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        return shared.Setup(pipe, None, None, "a tiny DiT pipeline")
+
+    family = shared.Family("DiT", "dit", "DiTPipeline", "facebook/DiT-XL-2-256", build, "a tiny DiT pipeline")
+    (tmp_path / "prompts.txt").write_text("a red fox\na blue car\na green tree\n")
+    argv = ["--tiny", "--output", str(tmp_path / "out"), "--prompts", str(tmp_path / "prompts.txt"), "--ratio", "0.25",
+            "--seeds", "0", "1", "--grid-prompts", "2", "--steps", "2", "--calibration-steps", "2", "--latency-repeats", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert shared.run_example(family, shared.parser_for(family), argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # --tiny sets one thread for the process
+    out = capsys.readouterr().out
+    assert "blockprune plan: 1 of 4 blocks replaced (dit)" in out
+    assert "image grid:" in out and "2 prompts × 2 seeds" in out
+    assert "generation:" in out and "latency ratio" in out
+    grid = Image.open(tmp_path / "out" / "grid.png")
+    assert grid.size == (4 * 8, 2 * 8)  # 2 prompts × 2 seeds across, original and compressed rows, 8×8 images
+    assert len(blockprune.plan(blockprune.from_pretrained(tmp_path / "out")).replaced) == 1
