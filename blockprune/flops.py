@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -48,6 +49,13 @@ def block_flops(model: nn.Module, names: list[str], batch: dict[str, Any]) -> di
     with attached(model, {name: make_hook(name) for name in names}, pre=True):
         run_model(model, batch, 0)
     return counts
+
+
+def affine_flops(shape: tuple[int, ...]) -> int:
+    """FLOPs that torch counts for one affine map ``x W^T + b`` over a stream of ``shape`` (``2·tokens·d²``)."""
+    dim = shape[-1]
+    tokens = math.prod(shape[:-1])
+    return 2 * tokens * dim * dim
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -109,11 +109,6 @@ def test_unknown_option_and_metric():
         _compress(importance="fidd")
 
 
-def test_sandwich_not_implemented_says_what_to_do():
-    with pytest.raises(NotImplementedError, match="pass sandwich=False"):
-        blockprune.compress(make_flux(), calibration=flux_batches(1))
-
-
 def test_compressing_twice_is_refused():
     model = _compress(ratio=0.25)
     with pytest.raises(BlockpruneError, match="already compressed"):
