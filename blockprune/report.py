@@ -23,8 +23,7 @@ def progress_bars(enabled: bool) -> Iterator[Progress]:
         yield progress
 
 
-def format_count(value: float | None) -> str:
-    """A count with a k/M/G/T suffix (``-`` for unknown)."""
+def _count(value: float | None) -> str:
     if value is None:
         return "-"
     for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -58,9 +57,9 @@ def plan_table(plan: Plan) -> Table:
                 f"{report.condition_number:.3g}",
             )
     table.caption = (
-        f"parameters {format_count(plan.params_before)} → {format_count(plan.params_after)}"
-        f"{_ratio(plan.params_after, plan.params_before)}; FLOPs {format_count(plan.flops_before)} → "
-        f"{format_count(plan.flops_after)}{_ratio(plan.flops_after, plan.flops_before)}"
+        f"parameters {_count(plan.params_before)} → {_count(plan.params_after)}"
+        f"{_ratio(plan.params_after, plan.params_before)}; FLOPs {_count(plan.flops_before)} → "
+        f"{_count(plan.flops_after)}{_ratio(plan.flops_after, plan.flops_before)}"
         + (f"; workdir {plan.workdir_bytes / 1e6:.1f} MB" if plan.workdir_bytes is not None else "")
     )
     if plan.fused:

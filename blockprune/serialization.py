@@ -46,6 +46,13 @@ def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[s
     return shards
 
 
+def _remove_earlier_weights(directory: Path) -> None:
+    """Delete weight files of an earlier save into ``directory``: a stale index would win on load, and stale
+    shards would be read by ``reuse_from``."""
+    for path in [directory / INDEX, directory / WEIGHTS, *directory.glob("model-*-of-*.safetensors")]:
+        path.unlink(missing_ok=True)
+
+
 def _refuse_adapter_layers(model: torch.nn.Module) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -91,9 +98,9 @@ def save_pretrained(
         state[key] = tensor.clone() if tensor.data_ptr() in seen else tensor
         seen[tensor.data_ptr()] = key
     shards = _shards(state, max_shard_bytes)
+    _remove_earlier_weights(directory)
     if len(shards) == 1:
         save_file(shards[0], directory / WEIGHTS, metadata={"format": "pt"})
-        (directory / INDEX).unlink(missing_ok=True)  # a stale index from an earlier sharded save would win on load
     else:
         weight_map = {}
         for number, shard in enumerate(shards, 1):

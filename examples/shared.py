@@ -28,6 +28,7 @@ from blockprune.cli.sources import DTYPES, check_output_folder
 from blockprune.errors import BlockpruneError
 from blockprune.plan import transformer_of
 from blockprune.run import OPTIONS
+from blockprune.sandwich import SandwichOptions
 
 
 
@@ -65,7 +66,10 @@ def parser_for(family: Family) -> argparse.ArgumentParser:
     parser.add_argument("--ratio", type=float, default=0.2, help="share of blocks to replace (default 0.2)")
     parser.add_argument("--output", default=f"{family.adapter}-compressed", help="folder to save the compressed transformer to")
     parser.add_argument("--overwrite", action="store_true", help="write into an output folder that is not empty")
-    parser.add_argument("--sandwich", action="store_true", help="sandwich training (not implemented yet; default off)")
+    parser.add_argument("--sandwich", action=argparse.BooleanOptionalAction, default=True,
+                        help="sandwich training after each replacement (default on)")
+    parser.add_argument("--sandwich-steps", type=int, default=SandwichOptions().steps,
+                        help=f"optimizer steps per sandwich stage (default {SandwichOptions().steps})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the grid images (default 0 1)")
     parser.add_argument("--grid-prompts", type=int, default=2, help="prompts in the grid (default 2, from the calibration prompts)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps of the grid images (default 28)")
@@ -161,7 +165,7 @@ def compress_and_compare(family: Family, args: argparse.Namespace) -> None:
         "calibration_prompts": prompts, "calibration_steps": args.calibration_steps, "steps_per_prompt": args.steps_per_prompt
     }
     blockprune.compress(model, adapter=family.adapter, ratio=args.ratio, calibration=calibration,
-                        sandwich=args.sandwich, seed=args.seed, **options)
+                        sandwich=args.sandwich, sandwich_steps=args.sandwich_steps, seed=args.seed, **options)
     blockprune.save_pretrained(model, output)
     print(f"saved the compressed transformer to {output}/; load it with blockprune.from_pretrained({str(output)!r})")
     after = forward_latency(transformer, batch, args.latency_repeats)

@@ -62,12 +62,13 @@ def test_compress_a_small_model_by_name(tmp_path, capsys):
 def test_compress_a_transformer_folder_with_options(flux_folder, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "compress", flux_folder / "model", "--calibration", flux_folder / "batches.pt",
                            "-o", tmp_path / "out", "--ratio", 0.5, "--order", "end2start", "--ridge", 1e-4,
-                           "--no-sandwich", "--no-progress")
+                           "--no-sandwich", "--fuse", "--no-progress")
     assert code == 0
     plan = blockprune.plan(blockprune.from_pretrained(tmp_path / "out"))
     assert plan.order == "end2start"
     assert plan.replaced_names == ["single_transformer_blocks.1", "single_transformer_blocks.0"]
     assert all(r.score is None for r in plan.replaced)  # a fixed order scores nothing
+    assert {run.stream for run in plan.fused} == {"hidden_states", "encoder_hidden_states"}  # --fuse: one map each
 
 
 def test_compress_with_weighted_metrics_and_listed_order(flux_folder, tmp_path, capsys):
@@ -81,6 +82,36 @@ def test_compress_with_weighted_metrics_and_listed_order(flux_folder, tmp_path, 
                          "--no-progress")
     assert code == 0
     assert blockprune.plan(blockprune.from_pretrained(tmp_path / "b")).replaced_names == ["transformer_blocks.1"]
+
+
+def test_compress_with_sandwich_training_in_a_workdir_then_reuse(tmp_path, capsys):
+    model_folder = tmp_path / "model"
+    make_flux().save_pretrained(model_folder)
+    torch.save(flux_batches(6), tmp_path / "batches.pt")
+    common = ["compress", model_folder, "--calibration", tmp_path / "batches.pt", "--no-progress", "--no-cache"]
+    code, out, err = run_cli(capsys, *common, "-o", tmp_path / "high", "--ratio", 0.5, "--sandwich-steps", 3,
+                             "--sandwich-width", 1, "--lora-rank", 4, "--workdir", tmp_path / "work")
+    assert code == 0, err
+    assert "sandwich training (held-out batches)" in out
+    high = blockprune.plan(blockprune.from_pretrained(tmp_path / "high"))
+    assert high.sandwich["steps"] == 3 and high.sandwich["width"] == 1 and high.sandwich["lora_rank"] == 4
+    assert [stage.block for stage in high.stages] == high.replaced_names
+    assert (tmp_path / "work" / "manifest.json").is_file() and (tmp_path / "high" / "stages.safetensors").is_file()
+
+    code, out, err = run_cli(capsys, *common, "-o", tmp_path / "low", "--ratio", 0.25, "--reuse-from", tmp_path / "high")
+    assert code == 0, err
+    low = blockprune.plan(blockprune.from_pretrained(tmp_path / "low"))
+    assert low.replaced_names == high.replaced_names[:1] and low.reused_from == str(tmp_path / "high")
+
+
+def test_every_compress_option_can_be_given_on_the_command_line():
+    from blockprune.cli import build_parser
+    from blockprune.run import OPTIONS
+
+    compress_parser = build_parser()._subparsers._group_actions[0].choices["compress"]
+    destinations = {action.dest for action in compress_parser._actions}
+    # metric_options: --clip-model-path, --generation-steps, --generation-seeds; calibration_prompts: --prompts
+    assert set(OPTIONS) - destinations == {"metric_options", "calibration_prompts"}
 
 
 def test_compress_a_pipeline_folder_records_calibration_from_the_prompts_file(tmp_path, capsys):

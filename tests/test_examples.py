@@ -20,8 +20,9 @@ def run_example(script, *argv, cwd):
 
 @pytest.mark.parametrize(
     ("script", "extra", "blocks", "replaced"),
-    [("flux/compress_flux.py", ["--model", "flux-random"], 20, 2), ("sd3/compress_sd3.py", [], 6, 1)],
-    ids=["flux", "sd3"],
+    [("flux/compress_flux.py", ["--model", "flux-random", "--no-sandwich"], 20, 2),
+     ("sd3/compress_sd3.py", ["--sandwich-steps", 3], 6, 1)],
+    ids=["flux-least-squares", "sd3-sandwich"],
 )
 def test_tiny_mode_compresses_saves_and_reports(tmp_path, script, extra, blocks, replaced):
     result = run_example(script, "--tiny", *extra, "--output", tmp_path / "out", "--calibration-batches", 5, "--ratio", 0.1,
@@ -33,8 +34,12 @@ def test_tiny_mode_compresses_saves_and_reports(tmp_path, script, extra, blocks,
     assert "image grid skipped:" in out and "cannot generate images" in out
     error = float(out.split("relative output error on a held-out transformer input: ")[1].split()[0])
     assert 0 < error < 0.1
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["blockprune.json", "config.json", "model.safetensors"]
-    assert len(blockprune.plan(blockprune.from_pretrained(tmp_path / "out")).replaced) == replaced
+    sandwich = "--no-sandwich" not in extra
+    assert ("sandwich training (held-out batches)" in out) == sandwich
+    files = ["blockprune.json", "config.json", "model.safetensors", *(["stages.safetensors"] if sandwich else [])]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == files
+    plan = blockprune.plan(blockprune.from_pretrained(tmp_path / "out"))
+    assert len(plan.replaced) == replaced and len(plan.stages) == (replaced if sandwich else 0)
 
 
 def test_full_mode_without_local_weights_says_how_to_get_them(tmp_path):
@@ -69,6 +74,7 @@ def test_with_a_pipeline_the_example_draws_the_grid_and_times_generations(tmp_pa
     family = shared.Family("DiT", "dit", "DiTPipeline", "facebook/DiT-XL-2-256", build, "a tiny DiT pipeline")
     (tmp_path / "prompts.txt").write_text("a red fox\na blue car\na green tree\n")
     argv = ["--tiny", "--output", str(tmp_path / "out"), "--prompts", str(tmp_path / "prompts.txt"), "--ratio", "0.25",
+            "--no-sandwich",
             "--seeds", "0", "1", "--grid-prompts", "2", "--steps", "2", "--calibration-steps", "2", "--latency-repeats", "1"]
     threads = torch.get_num_threads()
     try:

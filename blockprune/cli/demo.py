@@ -13,7 +13,8 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
     parser = commands.add_parser(
         "demo", parents=parents, help="compress the embedded default model and report",
         description="Compress the embedded default, a 20-block FLUX-architecture transformer with random "
-        "weights, on synthetic inputs; print the plan; save, reload, and report the output error on held-out inputs.",
+        "weights, on synthetic inputs (least squares and sandwich training); print the plan; save, reload, and "
+        "report the output error on held-out inputs.",
     )
     parser.add_argument("--ratio", type=float, default=0.2, help="share of blocks to replace (default 0.2)")
     parser.add_argument("--output", default="blockprune-demo", help="folder to save the compressed model to")

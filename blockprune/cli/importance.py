@@ -6,7 +6,14 @@ import argparse
 
 from ..ranking import importance
 from ..report import output_console
-from .options import add_calibration_arguments, add_model_arguments, add_scoring_arguments, load_model, parse_importance, scoring_options
+from .options import (
+    add_calibration_arguments,
+    add_model_arguments,
+    add_offload_argument,
+    add_scoring_arguments,
+    load_for_run,
+    parse_importance,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -18,6 +25,7 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
         "calibration at any ratio costs no scoring.",
     )
     add_model_arguments(parser)
+    add_offload_argument(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     add_calibration_arguments(parser)
     add_scoring_arguments(parser)
@@ -27,10 +35,9 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
 def run(args: argparse.Namespace) -> int:
     """Score and print the table."""
     metrics = parse_importance(args.importance)
-    loaded = load_model(args)
-    loaded.check_calibration()
-    options = {**scoring_options(args), **loaded.calibration_options()}
-    table = importance(loaded.model, args.adapter, loaded.batches, importance=metrics, progress=args.progress, **options)
+    loaded, options = load_for_run(args)
+    table = importance(loaded.model, args.adapter, loaded.batches, importance=metrics, progress=args.progress,
+                       device=args.device, **options)
     if not args.progress:  # importance() prints the table itself when it shows progress
         output_console().print(table.table())
     if table.cached:

@@ -6,6 +6,8 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from ..calibration import read_prompts
 from ..errors import BlockpruneError
 from ..run import OPTIONS
@@ -24,7 +26,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--adapter", default="auto", help="adapter name (default: auto, chosen by the model's class)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="load the model in this dtype (default: as saved)")
-    parser.add_argument("--device", help="move the model (the whole pipeline) to this device, e.g. cuda")
+    parser.add_argument("--device", help="the device to work on, e.g. cuda: the model (a whole pipeline) is moved there")
+
+
+def add_offload_argument(parser: argparse.ArgumentParser) -> None:
+    """``--offload``: the transformer's blocks stay on the CPU and visit ``--device`` one at a time."""
+    parser.add_argument("--offload", action="store_true", default=None,
+                        help="keep the transformer on the CPU, moving each block to --device only while it runs or "
+                        "trains (a pipeline's other components go to --device)")
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,13 +90,11 @@ def parse_importance(text: str) -> str | list[str] | dict[str, float]:
     return weights
 
 
-def scoring_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``blockprune.run.OPTIONS`` given on the command line (the others keep their defaults)."""
-    options: dict[str, Any] = {}
-    for name in ("ridge", "ablation", "score_batches", "cache_dir", "calibration_steps", "steps_per_prompt"):
-        if getattr(args, name, None) is not None:
-            options[name] = getattr(args, name)
-    if args.no_cache:
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``blockprune.run.OPTIONS`` given on the command line (each argument's dest is the option's name;
+    options not given keep their defaults)."""
+    options = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
+    if getattr(args, "no_cache", False):
         options["cache_dir"] = False
     metric_options = {
         key: value
@@ -134,10 +141,31 @@ def load_model(args: argparse.Namespace, count: int | None = None) -> Loaded:
     prompts = read_prompts(args.prompts) if args.prompts else None
     batches = load_calibration_file(args.calibration) if args.calibration else None
     source = model_source(args.model)
-    model = source.load(DTYPES.get(args.dtype), args.device)
+    model = source.load(DTYPES.get(args.dtype))
+    if args.device is not None:
+        place(model, args.device, offload=bool(getattr(args, "offload", False)))
     if prompts is not None and not is_pipeline(model):
         raise BlockpruneError(f"--prompts needs a pipeline, but {args.model} is a bare {type(model).__name__}; "
                               f"pass --calibration FILE instead")
     if batches is None and prompts is None and source.small is not None:
         batches = source.small.calibration(model, count or args.calibration_batches, args.seed)
     return Loaded(source, model, batches, prompts)
+
+
+def load_for_run(args: argparse.Namespace) -> tuple[Loaded, dict[str, Any]]:
+    """For compress and importance: the loaded model, which must have calibration, and the options to pass
+    (those given on the command line, and the prompts to record calibration from)."""
+    loaded = load_model(args)
+    loaded.check_calibration()
+    return loaded, {**run_options(args), **loaded.calibration_options()}
+
+
+def place(model: Any, device: str, offload: bool) -> None:
+    """Move the model to ``device``. With ``offload`` the transformer stays on the CPU (compress moves its blocks
+    there one at a time) and only a pipeline's other components move."""
+    if not offload:
+        model.to(device)
+    elif is_pipeline(model):
+        for name, component in model.components.items():
+            if isinstance(component, nn.Module) and name != "transformer":
+                component.to(device)

@@ -64,15 +64,12 @@ class ModelSource:
     folder: Path | None = None
     small: SmallModel | None = None
 
-    def load(self, dtype: torch.dtype | None = None, device: str | None = None) -> Any:
-        """The transformer or pipeline, in ``dtype`` and on ``device`` where given."""
+    def load(self, dtype: torch.dtype | None = None) -> Any:
+        """The transformer or pipeline, in ``dtype`` where given."""
         if self.small is not None:
             model = self.small.build()
-            if dtype is not None:
-                model = model.to(dtype)
-        else:
-            model = load_folder(self.folder, dtype)
-        return model if device is None else model.to(device)
+            return model if dtype is None else model.to(dtype)
+        return load_folder(self.folder, dtype)
 
 
 def model_source(text: str) -> ModelSource:

@@ -83,6 +83,31 @@ def test_compress_quarter_and_round_trip_exactly(tmp_path):
             assert torch.equal(loaded(**batch).sample, expected)
 
 
+def test_sandwich_training_puts_lora_on_the_attention_and_feed_forward_projections():
+    model = tiny_pixart()
+    lora = PixArtAdapter().lora_targets(model.transformer_blocks[0])
+    assert {"attn1.to_q", "attn2.to_k", "ff.net.2"} <= set(lora) and not any("norm" in name for name in lora)
+    blockprune.compress(model, ratio=0.25, calibration=pixart_batches(8), sandwich_steps=3, sandwich_lr=1e-3,
+                        progress=False, cache_dir=False)
+    stage = blockprune.plan(model).stages[0]
+    assert stage.lora_blocks and stage.steps == 3
+    assert not any("lora" in name for name, _ in model.named_modules())  # merged after the stage
+
+
+def test_adjacent_replaced_blocks_fuse(tmp_path):
+    model = tiny_pixart()
+    blockprune.compress(model, ratio=0.5, calibration=pixart_batches(8), order="end2start", sandwich=False,
+                        progress=False, cache_dir=False)
+    batch = pixart_batches(1, seed=2)[0]
+    with torch.no_grad():
+        unfused = model(**batch).sample
+    blockprune.save_pretrained(model, tmp_path / "fused", fuse=True)
+    loaded = blockprune.from_pretrained(tmp_path / "fused")
+    assert [run.blocks for run in blockprune.plan(loaded).fused] == [["transformer_blocks.2", "transformer_blocks.3"]]
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).sample, unfused, atol=1e-5)
+
+
 def test_blockprune_plugins_lists_the_installed_plugin(capsys):
     assert main(["plugins"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("pixart")]
