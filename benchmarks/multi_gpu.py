@@ -33,7 +33,9 @@ def worker(args: argparse.Namespace) -> None:
 
     distributed.init_from_environment()
     tiny = args.tiny
-    device = distributed.default_device() or torch.device("cpu")
+    device = distributed.default_device() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not tiny and device.type != "cuda":
+        raise SystemExit("multi_gpu.py needs CUDA GPUs (or --tiny)")
     dtype = torch.float32 if tiny else torch.bfloat16
     double, single = (2, 6) if tiny else (19, 38)
     if tiny:

@@ -52,9 +52,13 @@ def is_main() -> bool:
 
 
 def default_device() -> torch.device | None:
-    """This rank's GPU under a launcher (``LOCAL_RANK``), else ``None``."""
-    if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    """This rank's GPU under a launcher (``LOCAL_RANK`` set, even for a single process), else ``None``."""
+    if not torch.cuda.is_available():
+        return None
+    if "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if dist.is_available() and dist.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
     return None
 
 
