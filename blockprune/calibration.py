@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Iterable, Mapping
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,10 +128,26 @@ def output_tensor(output: Any) -> torch.Tensor:
     raise BlockpruneError(f"cannot find the output tensor in a {type(output).__name__} returned by the model")
 
 
+def _prompt_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
 def bundled_prompts() -> list[str]:
     """The varied prompts shipped with blockprune for recording calibration from a pipeline."""
-    text = resources.files("blockprune").joinpath("data/prompts.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return _prompt_lines(resources.files("blockprune").joinpath("data/prompts.txt").read_text(encoding="utf-8"))
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a UTF-8 text file, one per line (blank lines and ``#`` comments skipped); at least one."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise BlockpruneError(f"cannot read prompts file {path}: {reason}; pass a UTF-8 text file, one prompt a line") from error
+    prompts = _prompt_lines(text)
+    if not prompts:
+        raise BlockpruneError(f"prompts file {path} has no prompts; write one prompt a line (lines starting # are skipped)")
+    return prompts
 
 
 def _sampled_steps(num_steps: int, keep: int) -> set[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -167,9 +168,10 @@ def importance(
     distributed.init_from_environment()
     device = device if device is not None else distributed.default_device()
     progress = progress and distributed.is_main()
-    run = prepare_run(model, adapter, calibration, device, options)
-    with progress_bars(progress) as bars:
-        table = score_run(run, importance, bars=bars)
+    with contextlib.ExitStack() as stack:  # holds the offload, if any, until scoring is done
+        run = prepare_run(model, adapter, calibration, device, options, stack)
+        with progress_bars(progress) as bars:
+            table = score_run(run, importance, bars=bars)
     if progress:
         output_console().print(table.table())
     return table

@@ -18,7 +18,7 @@ from .blocks import set_submodule
 from .errors import BlockpruneError
 from .fusion import fuse as fuse_runs
 from .plan import PLAN_ATTRIBUTE, Plan, plan, transformer_of
-from .sandwich.reuse import LOG_ATTRIBUTE, load_stage_log, save_stage_log
+from .sandwich.reuse import LOG_ATTRIBUTE, STAGES_FILE, load_stage_log, save_stage_log
 from .surrogate import LinearSurrogate
 
 FORMAT_VERSION = 1
@@ -46,6 +46,24 @@ def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[s
     return shards
 
 
+def _remove_earlier_weights(directory: Path) -> None:
+    """Delete weight files of an earlier save into ``directory``: a stale index would win on load, and stale
+    shards would be read by ``reuse_from``."""
+    for path in [directory / INDEX, directory / WEIGHTS, *directory.glob("model-*-of-*.safetensors")]:
+        path.unlink(missing_ok=True)
+
+
+def _refuse_adapter_layers(model: torch.nn.Module) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if wrapped:
+        raise BlockpruneError(
+            f"the model has LoRA (peft) layers, e.g. {wrapped[0]}, which from_pretrained could not rebuild; merge them "
+            f"first with model.fuse_lora() and model.unload_lora(), or save the adapter apart with save_lora_adapter()"
+        )
+
+
 def save_pretrained(
     model: Any, directory: str | os.PathLike, max_shard_bytes: int = 10 * 2**30, fuse: bool = False
 ) -> None:
@@ -69,6 +87,7 @@ def save_pretrained(
         raise BlockpruneError(
             f"save_pretrained needs a diffusers model with a config (ConfigMixin); {type(transformer).__name__} has none"
         )
+    _refuse_adapter_layers(transformer)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     transformer.save_config(directory)
@@ -79,6 +98,7 @@ def save_pretrained(
         state[key] = tensor.clone() if tensor.data_ptr() in seen else tensor
         seen[tensor.data_ptr()] = key
     shards = _shards(state, max_shard_bytes)
+    _remove_earlier_weights(directory)
     if len(shards) == 1:
         save_file(shards[0], directory / WEIGHTS, metadata={"format": "pt"})
     else:
@@ -105,6 +125,8 @@ def save_pretrained(
     log = getattr(transformer, LOG_ATTRIBUTE, None)
     if log is not None and log.blocks:
         save_stage_log(log, directory)
+    else:
+        (directory / STAGES_FILE).unlink(missing_ok=True)  # an earlier run's stages must not be reused for this one
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:

@@ -50,3 +50,12 @@ def test_offload_moves_each_block_for_its_forward_and_keeps_pinned_ones():
 def test_offload_needs_a_device():
     with pytest.raises(BlockpruneError, match="offload=True needs device="):
         blockprune.compress(make_flux(), calibration=flux_batches(6), offload=True, **OPTIONS)
+
+
+def test_offloaded_importance_equals_the_plain_one():
+    options = {"calibration": flux_batches(4), "device": "cpu", "progress": False, "cache_dir": False}
+    plain = blockprune.importance(make_flux(), **options)
+    offloaded_model = make_flux()
+    offloaded = blockprune.importance(offloaded_model, offload=True, **options)
+    assert offloaded.values == plain.values
+    assert {p.device.type for p in offloaded_model.parameters()} == {"cpu"}
