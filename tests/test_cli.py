@@ -9,6 +9,7 @@ from conftest import flux_batches, make_flux
 from test_pipeline import tiny_dit_pipeline
 
 import blockprune
+from blockprune import plugins
 from blockprune.cli import main
 
 COMMANDS = ["compress", "inspect", "importance", "plugins", "demo"]
@@ -179,7 +180,8 @@ def test_unknown_small_model_name(tmp_path, capsys):
 
 def test_unknown_adapter(tmp_path, capsys):
     message = error_line(capsys, 2, "compress", "flux-random", "-o", tmp_path / "out", "--adapter", "fluxx")
-    assert "unknown adapter 'fluxx'; known adapters: auto, dit, flux, generic" in message
+    known = ", ".join(["auto", *sorted(plugins.adapters())])
+    assert f"unknown adapter 'fluxx'; known adapters: {known}" in message
 
 
 @pytest.mark.parametrize("problem", ["missing", "directory", "not utf-8"])
