@@ -24,6 +24,7 @@ DEFAULT_PLUGINS = (
     "blockprune.metrics.fit_residual",
     "blockprune.metrics.fid",
     "blockprune.metrics.clip",
+    "blockprune.toy.metrics",
 )
 
 _manager: pluggy.PluginManager | None = None

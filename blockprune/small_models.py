@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import BlockpruneError
@@ -41,6 +43,42 @@ SMALL_MODELS: dict[str, SmallModel] = {
         _random_flux_calibration,
     ),
 }
+TOY_MODELS = {"flux-small": "flux", "sd3-small": "sd3"}  # trained on the toy shapes dataset (blockprune.toy)
+TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
+
+
+def toy_small_models(directory: str | Path = TOY_WEIGHTS) -> dict[str, SmallModel]:
+    """Entries for the trained toy models whose weight files are in ``directory`` (none before training)."""
+    from .toy.pipeline import weight_files  # safetensors only; diffusers is imported when a model is built
+
+    found = {}
+    for name, adapter in TOY_MODELS.items():
+        files = weight_files(name, directory)
+        if not all(path.is_file() for path in files.values()):
+            continue
+        config = json.loads(files["config"].read_text(encoding="utf-8"))["config"]
+        blocks = " + ".join(str(b) for b in config["blocks"])
+        description = f"{config['family'].upper()} architecture, {blocks} blocks, width {config['width']}, trained on toy shapes"
+        found[name] = SmallModel(name, description, adapter, _toy_builder(name, directory), _toy_calibration)
+    return found
+
+
+def _toy_builder(name: str, directory: str | Path) -> Callable[[], Any]:
+    def build() -> Any:
+        from .toy.pipeline import ToyPipeline
+
+        return ToyPipeline.from_pretrained(name, directory)
+
+    return build
+
+
+def _toy_calibration(model: Any, count: int, seed: int) -> list[dict[str, Any]]:
+    from .toy.pipeline import calibration_batches
+
+    return calibration_batches(model, count, seed=seed)
+
+
+SMALL_MODELS.update(toy_small_models())
 DEFAULT_SMALL_MODEL = "flux-random"
 
 
