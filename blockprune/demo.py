@@ -78,6 +78,7 @@ def run_demo(ratio: float = 0.2, output: str | Path = "blockprune-demo", seed: i
     import blockprune
     from blockprune.calibration import output_tensor
 
+    torch.set_num_threads(1)  # a width-64 model: thread start-up costs more than it saves
     console = Console()
     console.print("[bold]blockprune demo[/]: a FLUX-architecture transformer with random weights (20 blocks)")
     model = tiny_flux(seed)
