@@ -18,6 +18,7 @@ class DiTAdapter(Adapter):
     """
 
     name = "dit"
+    chains_streams_by_name = True
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ == "DiTTransformer2DModel"

@@ -17,6 +17,7 @@ class FluxAdapter(Adapter):
     """
 
     name = "flux"
+    chains_streams_by_name = True
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ == "FluxTransformer2DModel"

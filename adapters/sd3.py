@@ -11,6 +11,7 @@ class SD3Adapter(Adapter):
     """Joint blocks return ``(text, image)``; a ``context_pre_only`` block returns ``(None, image)``."""
 
     name = "sd3"
+    chains_streams_by_name = True
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ == "SD3Transformer2DModel"

@@ -66,9 +66,14 @@ class Block:
         return {s: shape[-1] for s, shape in self.stream_shapes.items()}
 
 
+def forward_signature(module: nn.Module) -> inspect.Signature:
+    """The signature a module is called with (a surrogate's is the one of the block it replaces)."""
+    return getattr(module, "forward_signature", None) or inspect.signature(module.forward)
+
+
 def bind_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Map a call's positional and keyword arguments to the forward's parameter names."""
-    return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    return forward_signature(module).bind_partial(*args, **kwargs).arguments
 
 
 class Adapter:
@@ -77,16 +82,20 @@ class Adapter:
     Subclasses set ``name`` and implement :meth:`matches`, :meth:`block_lists` and
     :meth:`block_spec`. Adapters that discover blocks themselves override
     :meth:`trace_targets` and :meth:`blocks` instead (see the ``generic`` adapter).
+
+    Set ``chains_streams_by_name`` when the host model hands every output stream of a block, unchanged,
+    to the next block's input of the same name; :func:`blockprune.fuse` relies on it.
     """
 
     name: str = ""
+    chains_streams_by_name: bool = False
 
     def matches(self, model: nn.Module) -> bool:
         """Whether this adapter understands ``model``."""
         raise NotImplementedError
 
     def block_lists(self, model: nn.Module) -> list[str]:
-        """Module paths of the block lists (``nn.ModuleList``), in data-flow order."""
+        """Module paths of the block lists (``nn.ModuleList``); blocks are ordered as they run in the forward pass."""
         raise NotImplementedError
 
     def block_spec(self, name: str, block: nn.Module) -> BlockSpec:
@@ -108,6 +117,15 @@ class Adapter:
     def run_pipeline(self, pipe: Any, prompt: str, generator: torch.Generator, num_inference_steps: int) -> None:
         """Run ``pipe`` once on ``prompt``; used to record calibration inputs from a pipeline."""
         pipe(prompt=prompt, num_inference_steps=num_inference_steps, generator=generator, output_type="latent")
+
+    def lora_targets(self, block: nn.Module) -> list[str]:
+        """Module names inside ``block`` that sandwich training puts LoRA on: by default the attention and MLP
+        projections, i.e. every ``nn.Linear`` outside norms (adaLN modulation) and embeddings."""
+        return [
+            name
+            for name, module in block.named_modules()
+            if isinstance(module, nn.Linear) and not any(part in name for part in ("norm", "emb"))
+        ]
 
     def generate(self, source: Any, prompts: list[str], seeds: list[int], num_inference_steps: int) -> torch.Tensor:
         """Images for each prompt and seed (prompt-major), ``(N, 3, H, W)`` in [0, 1], for generation metrics.

@@ -52,7 +52,7 @@ def stream_shapes(name: str, spec: BlockSpec, record: CallRecord) -> dict[str, t
 
 
 def resolve_blocks(model: nn.Module, adapter: Adapter, batch: dict[str, Any]) -> list[Block]:
-    """The model's residual blocks in data-flow order, verified on one forward pass over ``batch``."""
+    """The model's residual blocks in the order they run, verified on one forward pass over ``batch``."""
     trace = trace_model(model, adapter.trace_targets(model), batch)
     blocks = []
     for name, spec in adapter.blocks(model, trace):
@@ -62,13 +62,16 @@ def resolve_blocks(model: nn.Module, adapter: Adapter, batch: dict[str, Any]) ->
                 f"block {name} did not run during the forward pass; the {adapter.name!r} adapter lists a block "
                 f"that this model does not use"
             )
+        for path in trace.called_outside.get(name, ()):
+            if not any(path == kept or path.startswith(f"{kept}.") for kept in spec.kept_submodules):
+                raise BlockpruneError(
+                    f"{type(model).__name__}.forward calls {name}.{path} outside block {name}, so a surrogate in "
+                    f"the block's place must keep that submodule; the {adapter.name!r} adapter should declare "
+                    f"kept_submodules=({path!r},) for {name}"
+                )
         kind = type(model.get_submodule(name)).__name__
         blocks.append(Block(name, kind, spec, stream_shapes(name, spec, record)))
     if not blocks:
         raise BlockpruneError(f"the {adapter.name!r} adapter found no residual blocks in {type(model).__name__}")
-    order = [trace.records[b.name].order for b in blocks]
-    if order != sorted(order):
-        raise BlockpruneError(
-            f"the {adapter.name!r} adapter lists blocks out of data-flow order; fix its block_lists order"
-        )
-    return blocks
+    # data-flow order is the order the blocks ran in; blocks of interleaved lists (Latte) alternate
+    return sorted(blocks, key=lambda b: trace.records[b.name].order)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Iterable, Mapping
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.utils import BaseOutput
 from torch import nn
 
 from .adapter import bind_inputs
@@ -107,9 +110,17 @@ def run_model(model: nn.Module, batch: Mapping[str, Any], index: int) -> Any:
 
 
 def output_tensor(output: Any) -> torch.Tensor:
-    """The main tensor of a model's output (``.sample`` of diffusers outputs, or the first item)."""
+    """The main tensor of a model's output: ``.sample`` (else the first field) of a diffusers output, or the first item.
+
+    A list of per-sample tensors (Z-Image returns one per image) is flattened into one tensor.
+    """
     if isinstance(output, torch.Tensor):
         return output
+    if isinstance(output, BaseOutput):
+        sample = output.sample if "sample" in output else output.to_tuple()[0]
+        if isinstance(sample, list) and sample and all(isinstance(item, torch.Tensor) for item in sample):
+            return torch.cat([item.flatten() for item in sample])
+        return sample
     if hasattr(output, "sample"):
         return output.sample
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
@@ -117,10 +128,26 @@ def output_tensor(output: Any) -> torch.Tensor:
     raise BlockpruneError(f"cannot find the output tensor in a {type(output).__name__} returned by the model")
 
 
+def _prompt_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
 def bundled_prompts() -> list[str]:
     """The varied prompts shipped with blockprune for recording calibration from a pipeline."""
-    text = resources.files("blockprune").joinpath("data/prompts.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return _prompt_lines(resources.files("blockprune").joinpath("data/prompts.txt").read_text(encoding="utf-8"))
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a UTF-8 text file, one per line (blank lines and ``#`` comments skipped); at least one."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise BlockpruneError(f"cannot read prompts file {path}: {reason}; pass a UTF-8 text file, one prompt a line") from error
+    prompts = _prompt_lines(text)
+    if not prompts:
+        raise BlockpruneError(f"prompts file {path} has no prompts; write one prompt a line (lines starting # are skipped)")
+    return prompts
 
 
 def _sampled_steps(num_steps: int, keep: int) -> set[int]:

@@ -16,44 +16,60 @@ TEXT_TOKENS = 8
 IMAGE_SIDE = 8  # 8 × 8 = 64 image tokens
 
 
+TINY_FLUX_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 6,
+    "num_single_layers": 14,
+    "attention_head_dim": 16,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 16,
+    "axes_dims_rope": (4, 6, 6),
+}
+
+
 def tiny_flux(seed: int = 0) -> torch.nn.Module:
     """A FLUX-architecture transformer (6 double + 14 single blocks, width 64) with seeded random weights."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=6,
-        num_single_layers=14,
-        attention_head_dim=16,
-        num_attention_heads=4,
-        joint_attention_dim=32,
-        pooled_projection_dim=16,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
+    return FluxTransformer2DModel(**TINY_FLUX_CONFIG).eval()
 
 
-def flux_batches(model: torch.nn.Module, count: int, seed: int = 0, batch_size: int = 2) -> list[dict[str, Any]]:
-    """Synthetic FLUX forward inputs of the right shapes: noise latents, text states, positions, timesteps."""
+def flux_batches(
+    model: torch.nn.Module,
+    count: int,
+    seed: int = 0,
+    batch_size: int = 2,
+    side: int = IMAGE_SIDE,
+    text_tokens: int = TEXT_TOKENS,
+) -> list[dict[str, Any]]:
+    """Synthetic FLUX forward inputs of the right shapes: noise latents, text states, positions, timesteps.
+
+    ``side`` × ``side`` image tokens (a packed latent: 1024² pixels are 64 × 64 tokens) and ``text_tokens``
+    text tokens; models with ``guidance_embeds`` also get a guidance scale.
+    """
     config = model.config
     generator = torch.Generator().manual_seed(seed)
-    side = IMAGE_SIDE
     img_ids = torch.zeros(side, side, 3)
     img_ids[..., 1] = torch.arange(side)[:, None]
     img_ids[..., 2] = torch.arange(side)[None, :]
     batches = []
     for _ in range(count):
-        batches.append(
-            {
-                "hidden_states": torch.randn(batch_size, side * side, config.in_channels, generator=generator),
-                "encoder_hidden_states": torch.randn(batch_size, TEXT_TOKENS, config.joint_attention_dim, generator=generator),
-                "pooled_projections": torch.randn(batch_size, config.pooled_projection_dim, generator=generator),
-                "timestep": torch.rand(batch_size, generator=generator),
-                "img_ids": img_ids.reshape(-1, 3),
-                "txt_ids": torch.zeros(TEXT_TOKENS, 3),
-            }
-        )
+        batch = {
+            "hidden_states": torch.randn(batch_size, side * side, config.in_channels, generator=generator),
+            "encoder_hidden_states": torch.randn(
+                batch_size, text_tokens, config.joint_attention_dim, generator=generator
+            ),
+            "pooled_projections": torch.randn(batch_size, config.pooled_projection_dim, generator=generator),
+            "timestep": torch.rand(batch_size, generator=generator),
+            "img_ids": img_ids.reshape(-1, 3),
+            "txt_ids": torch.zeros(text_tokens, 3),
+        }
+        if config.guidance_embeds:
+            batch["guidance"] = torch.full((batch_size,), 3.5)
+        batches.append(batch)
     return batches
 
 
@@ -62,6 +78,7 @@ def run_demo(ratio: float = 0.2, output: str | Path = "blockprune-demo", seed: i
     import blockprune
     from blockprune.calibration import output_tensor
 
+    torch.set_num_threads(1)  # a width-64 model: thread start-up costs more than it saves
     console = Console()
     console.print("[bold]blockprune demo[/]: a FLUX-architecture transformer with random weights (20 blocks)")
     model = tiny_flux(seed)
@@ -70,7 +87,7 @@ def run_demo(ratio: float = 0.2, output: str | Path = "blockprune-demo", seed: i
     with torch.no_grad():
         reference = [output_tensor(model(**b)) for b in held_out]
     started = time.perf_counter()
-    blockprune.compress(model, adapter="flux", ratio=ratio, calibration=calibration, sandwich=False, seed=seed)
+    blockprune.compress(model, adapter="flux", ratio=ratio, calibration=calibration, seed=seed, cache_dir=False)
     elapsed = time.perf_counter() - started
     blockprune.save_pretrained(model, output)
     loaded = blockprune.from_pretrained(output)

@@ -30,7 +30,8 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256(type(model).__qualname__.encode())
     config = getattr(model, "config", None)
     if isinstance(config, Mapping):
-        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        public = {k: v for k, v in config.items() if not k.startswith("_")}  # "_use_default_values" is unordered
+        digest.update(json.dumps(public, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         _update_tensor(digest, tensor, full=False)

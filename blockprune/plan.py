@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from .errors import BlockpruneError
+from .sandwich.stage import StageReport
 
 PLAN_ATTRIBUTE = "_blockprune_plan"
 
@@ -20,6 +21,7 @@ class StreamReport:
     relative_error: float
     condition_number: float
     tokens: int
+    flops: int | None = None  # of the affine map, on the batch the plan's FLOPs were counted on
 
 
 @dataclass
@@ -31,11 +33,21 @@ class ReplacedBlock:
     spec: dict[str, Any]
     streams: dict[str, StreamReport]
     score: float | None = None
+    flops: int | None = None  # of the original block, on the batch the plan's FLOPs were counted on
+
+
+@dataclass
+class FusedRun:
+    """Consecutive replaced blocks whose maps for ``stream`` were composed into one, carried by ``blocks[0]``."""
+
+    stream: str
+    blocks: list[str]
 
 
 @dataclass
 class Plan:
-    """Replaced blocks in order, per-block scores and fit errors, parameter and FLOP counts before and after."""
+    """Replaced blocks in order, per-block scores and fit errors, parameter and FLOP counts before and after, and
+    the runs that :func:`blockprune.fuse` collapsed."""
 
     adapter: str
     ratio: float
@@ -50,6 +62,12 @@ class Plan:
     flops_before: int | None = None
     flops_after: int | None = None
     seed: int = 0
+    stages: list[StageReport] = field(default_factory=list)
+    sandwich: dict[str, Any] = field(default_factory=dict)
+    reused_from: str | None = None
+    workdir_bytes: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase of this call
+    fused: list[FusedRun] = field(default_factory=list)
 
     @property
     def replaced_names(self) -> list[str]:
@@ -68,6 +86,8 @@ class Plan:
             ReplacedBlock(**{**r, "streams": {s: StreamReport(**v) for s, v in r["streams"].items()}})
             for r in data.get("replaced", [])
         ]
+        data["stages"] = [StageReport(**stage) for stage in data.get("stages", [])]
+        data["fused"] = [FusedRun(**run) for run in data.get("fused", [])]
         return cls(**data)
 
 

@@ -17,6 +17,7 @@ DEFAULT_PLUGINS = (
     "blockprune_adapters.flux",
     "blockprune_adapters.sd3",
     "blockprune_adapters.dit",
+    "blockprune_adapters.ace_step",
     "blockprune_adapters.generic",
     "blockprune.metrics.output_mse",
     "blockprune.metrics.block_influence",

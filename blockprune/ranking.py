@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from rich import box
 from rich.table import Table
 
+from . import distributed
 from .adapter import Block
 from .fingerprint import data_fingerprint, model_fingerprint
 from .metrics import Metric, ScoringContext, combine_scores, resolve_metrics, score_blocks
@@ -33,6 +35,15 @@ class ImportanceTable:
     scores: dict[str, float]
     ablation: str
     cached: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImportanceTable:
+        """The inverse of :meth:`to_dict`."""
+        return cls(**data)
 
     @property
     def order(self) -> list[str]:
@@ -76,6 +87,19 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def _score_split_by_block(context: ScoringContext, metrics: Mapping[str, Metric], ablation: str, on_block) -> dict:
+    """Score this rank's share of the blocks (all of them without a launcher) and gather every rank's."""
+    mine = distributed.shard(context.blocks)
+    with distributed.local():
+        values = score_blocks(context, metrics, blocks=mine, ablation=ablation, on_block=on_block)
+    merged: dict[str, dict[str, float]] = {name: {} for name in metrics}
+    for part in distributed.all_gather(values):
+        for name, column in part.items():
+            merged[name].update(column)
+    order = [b.name for b in context.blocks]
+    return {name: {block: column[block] for block in order} for name, column in merged.items()}
+
+
 def compute_scores(
     context: ScoringContext,
     weights: Mapping[str, float],
@@ -103,9 +127,9 @@ def compute_scores(
                 values[name] = json.loads(keys[name].read_text())["values"]
     missing = {name: metric for name, metric in metrics.items() if name not in values}
     if missing:
-        values.update(score_blocks(context, missing, ablation=ablation, on_block=on_block))
+        values.update(_score_split_by_block(context, missing, ablation, on_block))
         for name in missing:
-            if name in keys:
+            if name in keys and distributed.is_main():
                 _write_atomically(keys[name], json.dumps({"metric": name, "values": values[name]}))
     ordered = {name: values[name] for name in metrics}
     return ImportanceTable(names, ordered, dict(weights), combine_scores(ordered, weights, metrics), ablation,
@@ -141,9 +165,13 @@ def importance(
     disk, so a later ``compress`` of the same model and data at any ratio costs no scoring.
     """
     resolve_metrics(importance)  # bad metric names fail before any work
-    run = prepare_run(model, adapter, calibration, device, options)
-    with progress_bars(progress) as bars:
-        table = score_run(run, importance, bars=bars)
+    distributed.init_from_environment()
+    device = device if device is not None else distributed.default_device()
+    progress = progress and distributed.is_main()
+    with contextlib.ExitStack() as stack:  # holds the offload, if any, until scoring is done
+        run = prepare_run(model, adapter, calibration, device, options, stack)
+        with progress_bars(progress) as bars:
+            table = score_run(run, importance, bars=bars)
     if progress:
         output_console().print(table.table())
     return table

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .adapter import Block, bind_inputs
-from .calibration import StopForward, run_model
+from .calibration import StopForward, model_device, run_model
 from .errors import NonFiniteActivationError
 from .hooks import attached
 
@@ -41,6 +42,13 @@ class StreamAccumulator:
         self.r_squared += (r * r).sum()
         self.tokens += x.shape[0]
 
+    def reduce_over_ranks(self) -> None:
+        """Sum the accumulators of every rank of a distributed launch into each of them."""
+        if distributed.active():
+            tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.xtx.device)
+            distributed.all_reduce_sum([self.xtx, self.xtr, self.x_sum, self.r_sum, self.r_squared, tokens])
+            self.tokens = int(tokens.item())
+
     def normal_equations(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(ZᵀZ, ZᵀR, ‖R‖²)`` with the bias column last."""
         n = torch.tensor([[float(self.tokens)]], dtype=torch.float64, device=self.xtx.device)
@@ -68,12 +76,14 @@ def record_block(
 ) -> dict[str, StreamAccumulator]:
     """Run ``batches`` through ``model`` and accumulate the normal equations of every stream of ``block``.
 
-    Accumulators live on ``device`` (default: the block's device). With ``stop_early`` the forward stops
+    Under a distributed launch each rank records its share of the batches and the sums are all-reduced.
+
+    Accumulators live on ``device`` (default: the model's device, where its first parameter is). With ``stop_early`` the forward stops
     right after the block, since nothing downstream is needed.
     """
     module = model.get_submodule(block.name)
     if device is None:
-        device = next(module.parameters()).device
+        device = model_device(model)
     accumulators = {s: StreamAccumulator(d, device) for s, d in block.stream_dims.items()}
     current = {"batch": 0}
 
@@ -89,7 +99,9 @@ def record_block(
             raise StopForward
 
     with attached(model, {block.name: hook}):
-        for index, batch in enumerate(batches):
+        for index, batch in distributed.shard(list(enumerate(batches))):
             current["batch"] = index
             run_model(model, batch, index)
+    for accumulator in accumulators.values():
+        accumulator.reduce_over_ranks()
     return accumulators

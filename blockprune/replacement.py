@@ -9,6 +9,7 @@ from torch import nn
 from .adapter import Block
 from .blocks import set_submodule
 from .fit import fit_affine
+from .flops import affine_flops
 from .plan import ReplacedBlock, StreamReport
 from .recording import record_block
 from .surrogate import LinearSurrogate
@@ -24,7 +25,8 @@ def fit_surrogate(
     for stream, accumulator in accumulators.items():
         fit = fit_affine(accumulator, ridge, name=f"{block.name}/{stream}")
         surrogate.set_affine(stream, fit.weight, fit.bias)
-        reports[stream] = StreamReport(accumulator.dim, fit.relative_error, fit.condition_number, fit.tokens)
+        reports[stream] = StreamReport(accumulator.dim, fit.relative_error, fit.condition_number, fit.tokens,
+                                       affine_flops(block.stream_shapes[stream]))
     return surrogate, reports
 
 

@@ -60,7 +60,25 @@ def plan_table(plan: Plan) -> Table:
         f"parameters {_count(plan.params_before)} → {_count(plan.params_after)}"
         f"{_ratio(plan.params_after, plan.params_before)}; FLOPs {_count(plan.flops_before)} → "
         f"{_count(plan.flops_after)}{_ratio(plan.flops_after, plan.flops_before)}"
+        + (f"; workdir {plan.workdir_bytes / 1e6:.1f} MB" if plan.workdir_bytes is not None else "")
     )
+    if plan.fused:
+        table.caption += f"; fused: {', '.join(f'{run.stream} of {len(run.blocks)} blocks' for run in plan.fused)}"
+    return table
+
+
+def stages_table(plan: Plan) -> Table:
+    """Sandwich stages: span, loss and relative span error on held-out batches before and after training."""
+    table = Table(title="sandwich training (held-out batches)", box=box.SIMPLE)
+    for column in ("#", "block", "span", "loss before", "loss after", "rel. error before", "rel. error after", "peak GPU"):
+        table.add_column(column, justify="left" if column in ("block", "span") else "right")
+    for index, stage in enumerate(plan.stages, 1):
+        peak = "-" if stage.peak_memory_bytes is None else f"{stage.peak_memory_bytes / 2**30:.2f} GiB"
+        table.add_row(
+            str(index), stage.block, f"{len(stage.span)} blocks, LoRA on {len(stage.lora_blocks)}",
+            f"{stage.loss_before:.4g}", f"{stage.loss_after:.4g}", f"{stage.relative_error_before:.4f}",
+            f"{stage.relative_error_after:.4f}", peak,
+        )
     return table
 
 
@@ -71,5 +89,8 @@ def output_console() -> Console:
 
 
 def print_plan(plan: Plan) -> None:
-    """Print the plan table."""
-    output_console().print(plan_table(plan))
+    """Print the plan table, and the sandwich stages if there were any."""
+    console = output_console()
+    console.print(plan_table(plan))
+    if plan.stages:
+        console.print(stages_table(plan))

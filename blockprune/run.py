@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,9 @@ from .blocks import resolve_blocks
 from .calibration import bundled_prompts, prepare_calibration, record_pipeline_calibration
 from .errors import BlockpruneError
 from .metrics.scoring import ABLATIONS
+from .offload import Offload
 from .plan import transformer_of
+from .sandwich.options import option_names
 
 OPTIONS: dict[str, Any] = {
     "ridge": 1e-6,  # λ = ridge · trace(ZᵀZ)/(d+1)
@@ -28,6 +31,12 @@ OPTIONS: dict[str, Any] = {
     "calibration_prompts": None,  # prompts for recording calibration from a pipeline; default: bundled
     "calibration_steps": 8,  # denoising steps per prompt when recording from a pipeline
     "steps_per_prompt": 2,  # transformer calls kept per prompt, evenly spaced over the steps
+    "offload": False,  # keep blocks on the CPU, moving each to the device only while it runs or trains
+    "workdir": None,  # folder for resumable runs: scores and finished stages are written there atomically
+    "keep_activations": False,  # keep spilled activation shards in the workdir after their stage
+    "reuse_from": None,  # a folder or compressed model of a higher-ratio run: assemble from it, no training
+    # sandwich training (see blockprune.sandwich.SandwichOptions for meanings and defaults)
+    **dict.fromkeys(option_names()),
 }
 
 
@@ -54,6 +63,7 @@ class Run:
     batches: list[dict[str, Any]]
     blocks: list[Block]
     options: dict[str, Any]
+    offload: Offload | None = None
 
     @property
     def scoring_batches(self) -> list[dict[str, Any]]:
@@ -68,14 +78,27 @@ class Run:
 
 
 def prepare_run(
-    model: Any, adapter: str, calibration: Any, device: str | torch.device | None, options: Mapping[str, Any]
+    model: Any,
+    adapter: str,
+    calibration: Any,
+    device: str | torch.device | None,
+    options: Mapping[str, Any],
+    stack: contextlib.ExitStack | None = None,
 ) -> Run:
-    """Resolve the transformer, adapter, calibration batches and blocks (verified on one forward pass)."""
+    """Resolve the transformer, adapter, calibration batches and blocks (verified on one forward pass).
+
+    With the ``offload`` option the model is put under :class:`Offload` on ``device`` until ``stack`` closes.
+    """
     transformer = transformer_of(model)
     pipeline = None if model is transformer else model
     options = check_options(options)
     chosen = plugins.get_adapter(transformer, adapter)
-    if device is not None:
+    offload = None
+    if options["offload"]:
+        if device is None or stack is None:
+            raise BlockpruneError("offload=True needs device= (the accelerator that blocks visit), e.g. device='cuda'")
+        offload = stack.enter_context(Offload(transformer, chosen.trace_targets(transformer), device))
+    elif device is not None:
         transformer.to(device)
     if calibration is None and pipeline is not None:
         batches = record_pipeline_calibration(
@@ -88,4 +111,4 @@ def prepare_run(
     else:
         batches = prepare_calibration(calibration)
     blocks = resolve_blocks(transformer, chosen, batches[0])
-    return Run(transformer, pipeline, chosen, batches, blocks, options)
+    return Run(transformer, pipeline, chosen, batches, blocks, options, offload)

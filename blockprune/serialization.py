@@ -12,13 +12,18 @@ import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .adapter import BlockSpec
 from .blocks import set_submodule
 from .errors import BlockpruneError
+from .fusion import fuse as fuse_runs
 from .plan import PLAN_ATTRIBUTE, Plan, plan, transformer_of
+from .sandwich.reuse import LOG_ATTRIBUTE, STAGES_FILE, load_stage_log, save_stage_log
 from .surrogate import LinearSurrogate
 
 FORMAT_VERSION = 1
+FUSED_FORMAT_VERSION = 2  # written for fused models, whose surrogates may hold maps for only some streams
+READABLE_VERSIONS = (FORMAT_VERSION, FUSED_FORMAT_VERSION)
 MANIFEST = "blockprune.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -41,19 +46,48 @@ def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[s
     return shards
 
 
-def save_pretrained(model: Any, directory: str | os.PathLike, max_shard_bytes: int = 10 * 2**30) -> None:
+def _remove_earlier_weights(directory: Path) -> None:
+    """Delete weight files of an earlier save into ``directory``: a stale index would win on load, and stale
+    shards would be read by ``reuse_from``."""
+    for path in [directory / INDEX, directory / WEIGHTS, *directory.glob("model-*-of-*.safetensors")]:
+        path.unlink(missing_ok=True)
+
+
+def _refuse_adapter_layers(model: torch.nn.Module) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if wrapped:
+        raise BlockpruneError(
+            f"the model has LoRA (peft) layers, e.g. {wrapped[0]}, which from_pretrained could not rebuild; merge them "
+            f"first with model.fuse_lora() and model.unload_lora(), or save the adapter apart with save_lora_adapter()"
+        )
+
+
+def save_pretrained(
+    model: Any, directory: str | os.PathLike, max_shard_bytes: int = 10 * 2**30, fuse: bool = False
+) -> None:
     """Write a compressed transformer (or a pipeline's) to ``directory``.
 
     Files: the diffusers ``config.json`` of the base model, safetensors with the kept blocks' and the
     surrogates' weights (none of the replaced blocks'), sharded past ``max_shard_bytes``, and
-    ``blockprune.json`` (format version, adapter, replaced blocks with their stream shapes, dtype, plan).
+    ``blockprune.json`` (format version, adapter, replaced blocks with their stream shapes, dtype, plan),
+    written by rank 0 alone under a distributed launch,
+    and, after sandwich training, ``stages.safetensors`` with each stage's trained components (for reuse).
+    With ``fuse=True`` the model is first fused in place (:func:`blockprune.fuse`, on every rank). The
+    default keeps the per-block maps, which retraining and ``reuse_from`` need, and leaves the model as it is.
     """
     transformer = transformer_of(model)
     compressed = plan(transformer)
+    if fuse:
+        fuse_runs(transformer)
+    if not distributed.is_main():  # under a distributed launch rank 0 alone writes
+        return
     if not hasattr(transformer, "save_config"):
         raise BlockpruneError(
             f"save_pretrained needs a diffusers model with a config (ConfigMixin); {type(transformer).__name__} has none"
         )
+    _refuse_adapter_layers(transformer)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     transformer.save_config(directory)
@@ -64,6 +98,7 @@ def save_pretrained(model: Any, directory: str | os.PathLike, max_shard_bytes: i
         state[key] = tensor.clone() if tensor.data_ptr() in seen else tensor
         seen[tensor.data_ptr()] = key
     shards = _shards(state, max_shard_bytes)
+    _remove_earlier_weights(directory)
     if len(shards) == 1:
         save_file(shards[0], directory / WEIGHTS, metadata={"format": "pt"})
     else:
@@ -79,7 +114,7 @@ def save_pretrained(model: Any, directory: str | os.PathLike, max_shard_bytes: i
         shapes = {s: list(linear.weight.shape) for s, linear in surrogate.linears.items()}
         replaced.append({"name": entry.name, "kind": entry.kind, "spec": entry.spec, "streams": shapes})
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FUSED_FORMAT_VERSION if compressed.fused else FORMAT_VERSION,
         "adapter": compressed.adapter,
         "model_class": f"{type(transformer).__module__}:{type(transformer).__qualname__}",
         "dtype": _dtype_name(next(transformer.parameters()).dtype),
@@ -87,6 +122,11 @@ def save_pretrained(model: Any, directory: str | os.PathLike, max_shard_bytes: i
         "plan": compressed.to_dict(),
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    log = getattr(transformer, LOG_ATTRIBUTE, None)
+    if log is not None and log.blocks:
+        save_stage_log(log, directory)
+    else:
+        (directory / STAGES_FILE).unlink(missing_ok=True)  # an earlier run's stages must not be reused for this one
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
@@ -100,8 +140,11 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise BlockpruneError(f"{path} is not valid JSON ({error}); the folder is damaged") from error
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BlockpruneError(f"{path} has format version {version}; this blockprune reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise BlockpruneError(
+            f"{path} has format version {version}; this blockprune reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+        )
     return manifest
 
 
@@ -175,4 +218,5 @@ def from_pretrained(
     if device is not None:
         model.to(device)
     setattr(model, PLAN_ATTRIBUTE, Plan.from_dict(manifest["plan"]))
+    setattr(model, LOG_ATTRIBUTE, load_stage_log(directory))
     return model.eval()

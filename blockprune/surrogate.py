@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .adapter import BlockSpec
+from .errors import BlockpruneError
 
 
 class LinearSurrogate(nn.Module):
@@ -15,6 +16,8 @@ class LinearSurrogate(nn.Module):
 
     It takes the replaced block's forward signature and returns the same structure, so the host
     model's forward code runs unchanged; context inputs (``temb``, rotary embeddings, ...) are ignored.
+    Streams missing from ``stream_dims`` get no map and pass through unchanged (``Y_s = X_s``): after
+    :func:`blockprune.fuse`, the first surrogate of a run carries the run's whole map.
     """
 
     def __init__(
@@ -27,11 +30,20 @@ class LinearSurrogate(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        unknown = sorted(set(stream_dims) - set(spec.streams))
+        if unknown:
+            raise BlockpruneError(
+                f"stream {unknown[0]!r} is not a stream of the replaced block; its streams: {spec.streams}"
+            )
         self.spec = spec
-        self.signature = signature
+        self.forward_signature = signature
         self.replaces = replaces
         self.linears = nn.ModuleDict(
-            {s: nn.Linear(stream_dims[s], stream_dims[s], dtype=dtype, device=device) for s in spec.streams}
+            {
+                s: nn.Linear(stream_dims[s], stream_dims[s], dtype=dtype, device=device)
+                for s in spec.streams
+                if s in stream_dims
+            }
         )
 
     @classmethod
@@ -72,15 +84,29 @@ class LinearSurrogate(nn.Module):
             linear.bias.copy_(bias.to(linear.bias))
 
     def forward(self, *args, **kwargs):
-        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        bound = self.forward_signature.bind_partial(*args, **kwargs).arguments
 
         def stream_out(stream: str) -> torch.Tensor:
             x = bound[stream]
+            if stream not in self.linears:
+                return x
             return x + self.linears[stream](x)
 
         if isinstance(self.spec.outputs, str):
             return stream_out(self.spec.outputs)
         return tuple(None if s is None else stream_out(s) for s in self.spec.outputs)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            replaced = self.__dict__.get("replaces") or "block"
+            raise AttributeError(
+                f"the model reads {name!r} of a replaced {replaced} (now a LinearSurrogate); the model's adapter must "
+                f"keep it on the surrogate with BlockSpec(kept_submodules=...)"
+            ) from None
+
     def extra_repr(self) -> str:
-        return f"replaces={self.replaces}, streams={list(self.spec.streams)}"
+        passed = [s for s in self.spec.streams if s not in self.linears]
+        through = f", passes through={passed}" if passed else ""
+        return f"replaces={self.replaces}, streams={list(self.linears)}{through}"

@@ -13,6 +13,8 @@ import torch
 from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
 from torch import nn
 
+torch.set_num_threads(1)  # tiny models: threads cost more than they give
+
 
 def make_flux(seed: int = 0, double: int = 2, single: int = 2) -> FluxTransformer2DModel:
     torch.manual_seed(seed)

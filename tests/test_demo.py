@@ -17,7 +17,9 @@ def test_demo_compresses_saves_and_reloads(tmp_path, capsys):
 
 def test_demo_command_line(tmp_path, capsys):
     assert main(["demo", "--ratio", "0.1", "--output", str(tmp_path / "cli")]) == 0
-    assert "2 of 20 blocks replaced" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 of 20 blocks replaced" in out
+    assert "no image grid: the embedded default has random weights and no pipeline" in out
 
 
 def test_demo_model_shape():

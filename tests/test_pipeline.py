@@ -39,3 +39,19 @@ def test_pipeline_without_calibration_records_its_own_and_returns_the_pipeline()
     assert plan.replaced[0].streams["hidden_states"].tokens == 3 * 2 * 2 * 16
     images = pipe(class_labels=[1], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 8, 8, 3) and torch.isfinite(torch.from_numpy(images)).all()
+
+
+def test_a_saved_model_goes_back_into_a_pipeline(tmp_path):
+    pipe = tiny_dit_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    blockprune.compress(pipe, adapter="dit", ratio=0.25, sandwich=False, progress=False, cache_dir=False,
+                        calibration_prompts=bundled_prompts()[:2], calibration_steps=2)
+    blockprune.save_pretrained(pipe, tmp_path / "dit")
+    expected = pipe(class_labels=[3], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    fresh = tiny_dit_pipeline()
+    fresh.set_progress_bar_config(disable=True)
+    fresh.transformer = blockprune.from_pretrained(tmp_path / "dit")
+    assert blockprune.plan(fresh).replaced_names == blockprune.plan(pipe).replaced_names
+    got = fresh(class_labels=[3], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert (got == expected).all()

@@ -96,6 +96,40 @@ def test_sharded_round_trip(tmp_path):
         assert torch.equal(output_tensor(loaded(**held_out[0])), output_tensor(model(**held_out[0])))
 
 
+@pytest.mark.parametrize("first_shard_bytes", [20_000, 10 * 2**30], ids=["sharded-then-single", "single-then-sharded"])
+def test_saving_again_into_a_folder_leaves_no_weights_of_the_earlier_save(tmp_path, first_shard_bytes):
+    first, _ = _compressed("flux")
+    (tmp_path / "notes.txt").write_text("kept")
+    blockprune.save_pretrained(first, tmp_path, max_shard_bytes=first_shard_bytes)
+    second, held_out = _compressed("flux", ratio=0.25)
+    second_shard_bytes = 10 * 2**30 if first_shard_bytes == 20_000 else 20_000
+    blockprune.save_pretrained(second, tmp_path, max_shard_bytes=second_shard_bytes)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    if second_shard_bytes == 20_000:
+        assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    else:
+        assert not any(name.startswith("model-") or name.endswith(".index.json") for name in files)
+    assert "notes.txt" in files
+    loaded = blockprune.from_pretrained(tmp_path)
+    assert len(blockprune.plan(loaded).replaced) == 1
+    with torch.no_grad():
+        assert torch.equal(output_tensor(loaded(**held_out[0])), output_tensor(second(**held_out[0])))
+
+
+def test_saving_a_run_without_sandwich_stages_removes_an_earlier_runs_stages(tmp_path):
+    trained = make_flux()
+    blockprune.compress(trained, ratio=0.25, calibration=flux_batches(6), sandwich_steps=2, progress=False,
+                        cache_dir=False)
+    blockprune.save_pretrained(trained, tmp_path)
+    assert (tmp_path / "stages.safetensors").is_file()
+    plain, _ = _compressed("flux", ratio=0.5)  # least squares alone
+    blockprune.save_pretrained(plain, tmp_path)
+    assert not (tmp_path / "stages.safetensors").exists()
+    lower = make_flux()
+    blockprune.compress(lower, ratio=0.25, calibration=flux_batches(2), progress=False, reuse_from=tmp_path)
+    assert blockprune.plan(lower).stages == []  # nothing of the first run is reused
+
+
 def test_pipeline_round_trip_into_a_pipeline_slot(tmp_path):
     model, held_out = _compressed("flux")
     blockprune.save_pretrained(model, tmp_path)

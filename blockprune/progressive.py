@@ -1,0 +1,231 @@
+"""The progressive loop: one block at a time, least squares then sandwich training, each stage saved to the
+workdir when there is one, so that an interrupted run resumes after its last finished stage."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import Block
+from .blocks import set_submodule
+from .errors import BlockpruneError
+from .plan import Plan, ReplacedBlock, StreamReport
+from .ranking import ImportanceTable, score_run
+from .replacement import replace_block
+from .run import Run
+from .sandwich import SandwichOptions, StageLog, StageReport, run_stage
+from .sandwich.reuse import components_to_tensors, tensors_to_components
+from .surrogate import LinearSurrogate
+from .workdir import Workdir
+
+logger = logging.getLogger("blockprune")
+
+
+class CompressionInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped ``compress`` at a safe point (after a finished stage); the message says how to resume."""
+
+
+class InterruptGuard:
+    """Turns the first Ctrl-C into a request to stop at the next safe point; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("interrupt: stopping after the current stage (press Ctrl-C again to stop now)")
+
+    def __enter__(self) -> InterruptGuard:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def split_batches(batches: list[dict], share: float, held_out: float, seed: int) -> tuple[list, list, list]:
+    """(least-squares, training, held-out) batches: a seeded shuffle cut by ``share`` and ``held_out``."""
+    if len(batches) < 3:
+        raise BlockpruneError(
+            f"sandwich training needs at least 3 calibration batches (least squares, training, held-out), got "
+            f"{len(batches)}; pass more batches or sandwich=False"
+        )
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    training = min(max(2, round(share * len(batches))), len(batches) - 1)
+    held = min(max(1, round(held_out * training)), training - 1)
+    least_squares, train = order[: len(batches) - training], order[len(batches) - training :]
+    return ([batches[i] for i in sorted(indices)] for indices in (least_squares, train[:-held], train[-held:]))
+
+
+@dataclass
+class Progressive:
+    """State of one progressive compression: what is replaced, the originals kept for targets, the log."""
+
+    run: Run
+    fixed: list[str] | None
+    count: int
+    importance: Any
+    sandwich: SandwichOptions | None
+    seed: int
+    plan: Plan
+    log: StageLog
+    workdir: Workdir | None = None
+    keep_activations: bool = False
+    replaced: set[str] = field(default_factory=set)
+    originals: dict[str, nn.Module] = field(default_factory=dict)
+    table: ImportanceTable | None = None
+
+    def __post_init__(self) -> None:
+        self.by_name: dict[str, Block] = {b.name: b for b in self.run.blocks}
+        if self.sandwich is None:
+            self.least_squares, self.train, self.held = self.run.batches, [], []
+        else:
+            self.least_squares, self.train, self.held = split_batches(
+                self.run.batches, self.sandwich.split, self.sandwich.held_out, self.seed
+            )
+
+    def execute(self, bars: Any, guard: InterruptGuard) -> None:
+        """Run (or, from the workdir, restore) every stage; stop at a safe point when ``guard`` asks."""
+        task = bars.add_task("replacing blocks" + (" + sandwich training" if self.sandwich else ""), total=self.count)
+        each = self.run.options["rescore"] == "each"
+        for step in range(self.count):
+            saved = None
+            if self.workdir is not None:
+                if self.fixed is None and (each or step == 0):
+                    self.workdir.read_json(f"scores-{step:03d}.json")  # a damaged score file voids later stages
+                saved = self.workdir.load_stage(step)
+            if saved is not None:
+                self._restore(*saved)
+            else:
+                self._stage(step, bars)
+            bars.advance(task)
+            if guard.requested and step < self.count - 1:
+                where = (f"run the same call again with workdir={str(self.workdir.path)!r} to resume"
+                         if self.workdir is not None else "nothing was saved: pass workdir=... to make runs resumable")
+                raise CompressionInterrupted(f"compress interrupted after stage {step + 1} of {self.count}; {where}")
+
+    def _choose(self, step: int, bars: Any) -> str:
+        if self.fixed is not None:
+            return self.fixed[step]
+        each = self.run.options["rescore"] == "each"
+        if step == 0 or each:
+            name = f"scores-{step if each else 0:03d}.json"
+            cached = self.workdir.read_json(name) if self.workdir is not None else None
+            if cached is not None:
+                self.table = ImportanceTable.from_dict(cached)
+            else:
+                remaining = [b for b in self.run.blocks if b.name not in self.replaced]
+                with self._timed("scoring"):
+                    self.table = score_run(self.run, self.importance, remaining, bars)
+                if self.workdir is not None:
+                    self.workdir.write_json(name, self.table.to_dict())
+            if step == 0:
+                self.plan.metric_values, self.plan.scores = self.table.values, self.table.scores
+        return self.table.order[0] if each else self.table.order[step]
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        """Add the wall time of the ``with`` body to ``plan.seconds[phase]`` (GPU work included)."""
+        device = next(self.run.transformer.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.plan.seconds[phase] = self.plan.seconds.get(phase, 0.0) + time.perf_counter() - started
+
+    def _keep_original(self, names: list[str]) -> None:
+        if self.sandwich is not None:
+            for name in names:
+                if name not in self.originals:
+                    self.originals[name] = copy.deepcopy(self.run.transformer.get_submodule(name)).to("cpu")
+
+    def _stage(self, step: int, bars: Any) -> None:
+        model, options = self.run.transformer, self.run.options
+        name = self._choose(step, bars)
+        self._keep_original([name])
+        home = next(model.get_submodule(name).parameters()).device
+        with self._timed("least_squares"):
+            entry = replace_block(model, self.by_name[name], self.least_squares, options["ridge"],
+                                  options["record_device"])
+        entry.score = self.table.scores.get(name) if self.table is not None else None
+        self.replaced.add(name)
+        report, trained, lora = None, {}, {}
+        if self.sandwich is not None:
+            folder = self.workdir.activations(step) if self.workdir is not None else None
+            try:
+                with self._timed("sandwich"):
+                    report, trained, lora = run_stage(model, self.run.adapter, self.run.blocks, self.replaced, name,
+                                                      self.train, self.held, self.originals, self.sandwich,
+                                                      self.seed + step, folder, self.keep_activations,
+                                                      self.run.offload)
+            except BaseException:
+                set_submodule(model, name, copy.deepcopy(self.originals[name]).to(home))
+                self.replaced.discard(name)
+                raise
+            finally:
+                if self.workdir is not None and not self.keep_activations:
+                    self.workdir.drop_activations(step)
+            logger.info("sandwich %s: held-out span error %.4g → %.4g", "+".join(report.span),
+                        report.relative_error_before, report.relative_error_after)
+        touched = report.span if report is not None else [name]
+        if self.workdir is not None:
+            record = {"block": name, "entry": asdict(entry), "stage": asdict(report) if report else None,
+                      "touched": touched}
+            tensors = components_to_tensors(trained, lora, prefix="component/")
+            for block in touched:
+                for key, value in model.get_submodule(block).state_dict().items():
+                    tensors[f"model/{block}/{key}"] = value
+            self.workdir.save_stage(step, record, tensors)
+        self._record(entry, report, trained, lora)
+
+    def _restore(self, record: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        model, name = self.run.transformer, record["block"]
+        self._keep_original([name, *record["touched"]])
+        block = self.by_name[name]
+        set_submodule(model, name, LinearSurrogate.for_block(model.get_submodule(name), block.spec, block.stream_dims))
+        for touched in record["touched"]:
+            prefix = f"model/{touched}/"
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            module = model.get_submodule(touched)
+            device = next(module.parameters()).device
+            module.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+        self.replaced.add(name)
+        entry = record["entry"]
+        entry = ReplacedBlock(**{**entry, "streams": {s: StreamReport(**r) for s, r in entry["streams"].items()}})
+        report = StageReport(**record["stage"]) if record["stage"] else None
+        trained, lora = tensors_to_components(tensors, prefix="component/")
+        if self.fixed is None and self.table is None:
+            cached = self.workdir.read_json("scores-000.json")
+            if cached is not None:
+                self.table = ImportanceTable.from_dict(cached)
+                self.plan.metric_values, self.plan.scores = self.table.values, self.table.scores
+        logger.info("restored stage %s from the workdir", name)
+        self._record(entry, report, trained, lora)
+
+    def _record(self, entry: ReplacedBlock, report: StageReport | None, trained: dict, lora: dict) -> None:
+        self.plan.replaced.append(entry)
+        if report is not None:
+            self.plan.stages.append(report)
+            self.log.surrogates.append(trained)
+            self.log.lora.append(lora)
+            self.log.blocks.append(entry.name)
+        logger.info("replaced %s (fit errors %s)", entry.name, {s: r.relative_error for s, r in entry.streams.items()})

@@ -1,0 +1,52 @@
+"""A compress run in its own process, for the fault tests: ``python compress_job.py WORKDIR OUT [KILL_AT]``.
+
+``KILL_AT`` is ``point:n``: the process kills itself with SIGKILL on the n-th call of that point's function.
+"""
+
+import os
+import signal
+import sys
+
+import torch
+
+from conftest import flux_batches, make_flux  # noqa: E402  (sets the test environment)
+
+import blockprune  # noqa: E402
+import blockprune.metrics.output_mse  # noqa: E402
+import blockprune.replacement  # noqa: E402
+import blockprune.sandwich.stage  # noqa: E402
+import blockprune.workdir  # noqa: E402
+
+POINTS = {
+    "scoring": (blockprune.metrics.output_mse.OutputMSE, "evaluate"),
+    "recording": (blockprune.replacement, "record_block"),
+    "fitting": (blockprune.replacement, "fit_affine"),
+    "training": (blockprune.sandwich.stage, "_train"),
+    "writing": (blockprune.workdir.os, "replace"),
+}
+OPTIONS = {"ratio": 0.5, "sandwich_steps": 8, "sandwich_lr": 1e-3, "progress": False, "cache_dir": False}
+
+
+def kill_on_call(point: str, count: int) -> None:
+    owner, name = POINTS[point]
+    original = getattr(owner, name)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+if __name__ == "__main__":
+    workdir, out = sys.argv[1], sys.argv[2]
+    if len(sys.argv) > 3:
+        point, count = sys.argv[3].split(":")
+        kill_on_call(point, int(count))
+    model = make_flux(double=2, single=2)
+    blockprune.compress(model, calibration=flux_batches(8), workdir=workdir, **OPTIONS)
+    torch.save(model.state_dict(), out)
+    print("stages", len(blockprune.plan(model).stages))

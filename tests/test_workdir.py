@@ -1,0 +1,114 @@
+"""Long runs: workdir, resume after SIGKILL or Ctrl-C, damaged files, determinism."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import flux_batches, make_flux
+
+import blockprune
+import blockprune.sandwich.stage
+from blockprune.errors import BlockpruneError
+from blockprune.progressive import CompressionInterrupted
+
+HERE = Path(__file__).parent
+OPTIONS = {"ratio": 0.5, "sandwich_steps": 8, "sandwich_lr": 1e-3, "progress": False, "cache_dir": False}
+
+
+def _job(workdir, out, kill_at=None):
+    command = [sys.executable, str(HERE / "compress_job.py"), str(workdir), str(out)] + ([kill_at] if kill_at else [])
+    return subprocess.run(command, capture_output=True, text=True, cwd=HERE)
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reference")
+    result = _job(folder / "work", folder / "model.pt")
+    assert result.returncode == 0, result.stderr
+    return torch.load(folder / "model.pt")
+
+
+@pytest.mark.parametrize("kill_at", ["scoring:3", "recording:2", "fitting:3", "training:2", "writing:4", "writing:9"])
+def test_killed_run_resumes_to_the_same_model(kill_at, reference, tmp_path):
+    killed = _job(tmp_path / "work", tmp_path / "model.pt", kill_at)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "model.pt").exists()
+    resumed = _job(tmp_path / "work", tmp_path / "model.pt")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _equal(torch.load(tmp_path / "model.pt"), reference)
+
+
+def _compress(workdir, **kwargs):
+    model = make_flux(double=2, single=2)
+    blockprune.compress(model, calibration=flux_batches(8), workdir=workdir, **{**OPTIONS, **kwargs})
+    return model
+
+
+def test_same_call_is_bit_identical_and_resuming_a_finished_run_restores_it(tmp_path):
+    first = _compress(tmp_path / "a")
+    assert _equal(first.state_dict(), _compress(tmp_path / "b").state_dict())
+    again = _compress(tmp_path / "a")  # everything restored from the workdir
+    assert _equal(first.state_dict(), again.state_dict())
+    assert blockprune.plan(again).replaced_names == blockprune.plan(first).replaced_names
+    assert [s.loss_after for s in blockprune.plan(again).stages] == [s.loss_after for s in blockprune.plan(first).stages]
+
+
+def test_damaged_stage_file_is_detected_and_recomputed(tmp_path, caplog):
+    first = _compress(tmp_path / "w")
+    stage = tmp_path / "w" / "stage-001.safetensors"
+    stage.write_bytes(stage.read_bytes()[:100])  # truncated by hand
+    with caplog.at_level(logging.WARNING, logger="blockprune"):
+        again = _compress(tmp_path / "w")
+    assert any("stage-001.safetensors is missing or damaged" in r.message for r in caplog.records)
+    assert _equal(first.state_dict(), again.state_dict())
+    assert len(stage.read_bytes()) > 100
+
+
+def test_a_different_call_is_refused(tmp_path):
+    _compress(tmp_path / "w")
+    with pytest.raises(BlockpruneError, match=r"belongs to another compress call \(differs in: ratio, seed\)"):
+        _compress(tmp_path / "w", ratio=0.25, seed=1)
+    with pytest.raises(BlockpruneError, match=r"differs in: data"):
+        model = make_flux(double=2, single=2)
+        blockprune.compress(model, calibration=flux_batches(8, seed=1), workdir=tmp_path / "w", **OPTIONS)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(BlockpruneError, match="is not empty and has no manifest.json"):
+        _compress(tmp_path / "other")
+
+
+def test_ctrl_c_stops_after_the_stage_and_says_how_to_resume(tmp_path, monkeypatch):
+    reference = _compress(tmp_path / "reference")
+    original = blockprune.sandwich.stage._train
+    calls = {"n": 0}
+
+    def train_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-stage: the stage still finishes
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(blockprune.sandwich.stage, "_train", train_then_interrupt)
+    model = make_flux(double=2, single=2)
+    with pytest.raises(CompressionInterrupted, match=r"after stage 1 of 2; run the same call again with workdir="):
+        blockprune.compress(model, calibration=flux_batches(8), workdir=tmp_path / "w", **OPTIONS)
+    assert blockprune.plan(model).replaced_names == blockprune.plan(reference).replaced_names[:1]
+    monkeypatch.setattr(blockprune.sandwich.stage, "_train", original)
+    assert _equal(_compress(tmp_path / "w").state_dict(), reference.state_dict())
+
+
+def test_disk_use_is_reported_and_activation_shards_are_deleted_unless_kept(tmp_path):
+    model = _compress(tmp_path / "w", sandwich_activation_budget=1)
+    assert blockprune.plan(model).workdir_bytes > 0
+    assert not list((tmp_path / "w" / "activations").rglob("*.pt"))
+    _compress(tmp_path / "k", sandwich_activation_budget=1, keep_activations=True)
+    assert list((tmp_path / "k" / "activations").rglob("*.pt"))
