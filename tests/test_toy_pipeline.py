@@ -81,6 +81,14 @@ def test_adapter_generate_and_compress_without_calibration(toy_family):
     assert torch.isfinite(pipe("a red circle", generator=torch.Generator().manual_seed(0)).images).all()
 
 
+def test_compress_with_sandwich_training_records_through_the_pipeline(toy_family):
+    pipe = tiny_toy_pipeline(toy_family)
+    blockprune.compress(pipe, ratio=0.34, progress=False, cache_dir=False, calibration_prompts=evaluation_prompts(4),
+                        calibration_steps=4, sandwich=True, sandwich_steps=3)
+    assert len(blockprune.plan(pipe).replaced) == 1
+    assert torch.isfinite(pipe("a red circle", generator=torch.Generator().manual_seed(0)).images).all()
+
+
 def test_compress_records_calibration_on_the_bundled_prompts():
     pipe = tiny_toy_pipeline("sd3")
     blockprune.compress(pipe, ratio=0.34, sandwich=False, progress=False, cache_dir=False, calibration_steps=2,
