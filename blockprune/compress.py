@@ -68,7 +68,7 @@ def _workdir(run: Run, ratio: float, order: Any, weights: dict, sandwich: Sandwi
         "importance": weights,
         "sandwich": sandwich_key,
         "seed": seed,
-        **{k: options[k] for k in ("ridge", "record_device", "score_batches", "ablation", "rescore")},
+        **{k: options[k] for k in ("ridge", "surrogate", "record_device", "score_batches", "ablation", "rescore")},
         "metric_options": value_fingerprint(options["metric_options"] or {}),
     }
     if distributed.is_main():
@@ -108,6 +108,8 @@ def compress(
     device = device if device is not None else distributed.default_device()
     progress = progress and distributed.is_main()
     sandwich_options = SandwichOptions.from_options(checked) if sandwich else None
+    if sandwich_options is not None and checked["surrogate"] == "identity":  # deleted blocks stay deleted
+        sandwich_options = replace(sandwich_options, train_surrogates=False)
     if hasattr(transformer, PLAN_ATTRIBUTE):
         raise BlockpruneError("this model is already compressed; compress the original model instead")
     reuse_from = checked["reuse_from"]
@@ -134,6 +136,7 @@ def _compress_run(run: Run, ratio, order, importance, weights, sandwich_options,
         raise BlockpruneError(f"order lists {len(fixed)} blocks but ratio {ratio} replaces {count}; list more blocks")
     result = Plan(run.adapter.name, ratio, order, [b.name for b in blocks], seed=seed, importance=dict(weights))
     result.sandwich = asdict(sandwich_options) if sandwich_options else {}
+    result.surrogate = checked["surrogate"]
     result.params_before = count_parameters(transformer)
     result.flops_before = count_flops(transformer, run.batches[0])
     flops_of_block = block_flops(transformer, [b.name for b in blocks], run.batches[0])
@@ -142,6 +145,7 @@ def _compress_run(run: Run, ratio, order, importance, weights, sandwich_options,
         higher, log = assemble(transformer, blocks, count, reuse_from)
         result.replaced, result.stages = higher.replaced[:count], higher.stages[:count]
         result.scores, result.metric_values, result.sandwich = higher.scores, higher.metric_values, higher.sandwich
+        result.surrogate = higher.surrogate
         result.reused_from = str(reuse_from) if not hasattr(reuse_from, "parameters") else type(reuse_from).__name__
     else:
         workdir = _workdir(run, ratio, order, weights, sandwich_options, seed) if checked["workdir"] else None

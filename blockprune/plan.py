@@ -68,6 +68,7 @@ class Plan:
     workdir_bytes: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase of this call
     fused: list[FusedRun] = field(default_factory=list)
+    surrogate: str = "linear"  # "identity": the blocks were deleted (Y = X), not fitted
 
     @property
     def replaced_names(self) -> list[str]:

@@ -165,7 +165,7 @@ class Progressive:
         home = next(model.get_submodule(name).parameters()).device
         with self._timed("least_squares"):
             entry = replace_block(model, self.by_name[name], self.least_squares, options["ridge"],
-                                  options["record_device"])
+                                  options["record_device"], options["surrogate"])
         entry.score = self.table.scores.get(name) if self.table is not None else None
         self.replaced.add(name)
         report, trained, lora = None, {}, {}

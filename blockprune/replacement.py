@@ -8,11 +8,15 @@ from torch import nn
 
 from .adapter import Block
 from .blocks import set_submodule
+from .errors import BlockpruneError
 from .fit import fit_affine
 from .flops import affine_flops
 from .plan import ReplacedBlock, StreamReport
 from .recording import record_block
 from .surrogate import LinearSurrogate
+
+SURROGATES = ("linear", "identity")
+
 
 
 def fit_surrogate(
@@ -30,10 +34,31 @@ def fit_surrogate(
     return surrogate, reports
 
 
+def identity_surrogate(model: nn.Module, block: Block) -> tuple[LinearSurrogate, dict[str, StreamReport]]:
+    """``Y = X``: the block's residual branch skipped (block deletion, the baseline BRLL is compared with).
+
+    Its maps stay zero (sandwich training leaves them so); the fit error of ``Y = X`` is 1 by definition.
+    """
+    surrogate = LinearSurrogate.for_block(model.get_submodule(block.name), block.spec, block.stream_dims)
+    reports = {stream: StreamReport(block.stream_dims[stream], 1.0, float("nan"), 0, affine_flops(block.stream_shapes[stream]))
+               for stream in block.stream_dims}
+    return surrogate, reports
+
+
 def replace_block(
-    model: nn.Module, block: Block, batches: list[dict[str, Any]], ridge: float = 1e-6, device: Any = None
+    model: nn.Module,
+    block: Block,
+    batches: list[dict[str, Any]],
+    ridge: float = 1e-6,
+    device: Any = None,
+    surrogate: str = "linear",
 ) -> ReplacedBlock:
-    """Fit ``block``'s surrogate on the model as it is now and put it in the block's place."""
-    surrogate, reports = fit_surrogate(model, block, batches, ridge, device)
-    set_submodule(model, block.name, surrogate)
+    """Put a surrogate in ``block``'s place: fitted on the model as it is now (``"linear"``) or ``Y = X`` (``"identity"``)."""
+    if surrogate not in SURROGATES:
+        raise BlockpruneError(f"unknown surrogate {surrogate!r}; use one of {', '.join(SURROGATES)}")
+    if surrogate == "identity":
+        module, reports = identity_surrogate(model, block)
+    else:
+        module, reports = fit_surrogate(model, block, batches, ridge, device)
+    set_submodule(model, block.name, module)
     return ReplacedBlock(block.name, block.kind, block.spec.to_dict(), reports)

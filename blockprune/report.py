@@ -39,7 +39,8 @@ def _ratio(after: float | None, before: float | None) -> str:
 def plan_table(plan: Plan) -> Table:
     """The plan as a rich table: one row per replaced block, totals in the caption."""
     table = Table(
-        title=f"blockprune plan: {len(plan.replaced)} of {len(plan.blocks)} blocks replaced ({plan.adapter})",
+        title=f"blockprune plan: {len(plan.replaced)} of {len(plan.blocks)} blocks "
+        f"{'deleted (Y = X)' if plan.surrogate == 'identity' else 'replaced'} ({plan.adapter})",
         box=box.SIMPLE,
     )
     for column in ("#", "block", "stream", "importance", "fit error", "cond."):

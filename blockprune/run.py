@@ -18,10 +18,12 @@ from .errors import BlockpruneError
 from .metrics.scoring import ABLATIONS
 from .offload import Offload
 from .plan import transformer_of
+from .replacement import SURROGATES
 from .sandwich.options import option_names
 
 OPTIONS: dict[str, Any] = {
     "ridge": 1e-6,  # λ = ridge · trace(ZᵀZ)/(d+1)
+    "surrogate": "linear",  # "linear": BRLL; "identity": Y = X, the block deleted (a baseline to compare with)
     "record_device": None,  # where the float64 accumulators live; default: the block's device
     "score_batches": None,  # how many calibration batches importance scoring uses; default: all
     "ablation": "remove",  # how a block is ablated for scoring: "remove" (Y = X) or "replace" (its LS surrogate)
@@ -48,6 +50,8 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     merged = {**OPTIONS, **options}
     if merged["ablation"] not in ABLATIONS:
         raise BlockpruneError(f"unknown ablation {merged['ablation']!r}; use one of {', '.join(ABLATIONS)}")
+    if merged["surrogate"] not in SURROGATES:
+        raise BlockpruneError(f"unknown surrogate {merged['surrogate']!r}; use one of {', '.join(SURROGATES)}")
     if merged["rescore"] not in ("once", "each"):
         raise BlockpruneError(f"rescore must be 'once' or 'each', got {merged['rescore']!r}")
     return merged

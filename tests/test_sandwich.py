@@ -204,3 +204,48 @@ def test_nan_loss_rolls_the_stage_back_and_keeps_earlier_stages():
     assert blockprune.plan(model).replaced_names == order[:1]
     for (name, a), (_, b) in zip(model.state_dict().items(), good.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_identity_surrogate_deletes_blocks_and_sandwich_training_leaves_them_deleted(tmp_path):
+    model = make_flux()
+    batches = flux_batches(8)
+    blockprune.compress(model, adapter="flux", ratio=0.25, calibration=batches, order="start2end", surrogate="identity",
+                        **TRAIN)
+    plan = blockprune.plan(model)
+    assert plan.surrogate == "identity" and plan.stages
+    for name in plan.replaced_names:
+        surrogate = model.get_submodule(name)
+        assert all(float(p.abs().max()) == 0 for p in surrogate.linears.parameters())  # Y = X after training too
+        assert all(r.relative_error == 1.0 for r in plan.replaced[0].streams.values())
+    assert any(stage.lora_blocks for stage in plan.stages)  # the neighbours were trained
+    blockprune.save_pretrained(model, tmp_path / "deleted")
+    loaded = blockprune.from_pretrained(tmp_path / "deleted")
+    assert blockprune.plan(loaded).surrogate == "identity"
+    with torch.no_grad():
+        torch.testing.assert_close(output_tensor(loaded(**batches[0])), output_tensor(model(**batches[0])))
+
+
+def test_train_surrogates_false_keeps_the_least_squares_fit():
+    batches = flux_batches(8)
+    models = {}
+    for steps in (1, 25):  # the same seeded split, so the same fit; only training could tell them apart
+        models[steps] = make_flux()
+        blockprune.compress(models[steps], adapter="flux", ratio=0.25, calibration=batches, order="start2end",
+                            sandwich_train_surrogates=False, **{**TRAIN, "sandwich_steps": steps})
+    (name,) = blockprune.plan(models[25]).replaced_names
+    assert blockprune.plan(models[25]).stages[0].trained_surrogates == []
+    for key, value in models[1].get_submodule(name).state_dict().items():
+        torch.testing.assert_close(models[25].get_submodule(name).state_dict()[key], value, rtol=0, atol=0)
+    kept = blockprune.plan(models[25]).stages[0].lora_blocks[0]
+    assert not torch.equal(models[1].get_submodule(kept).ff.net[2].weight, models[25].get_submodule(kept).ff.net[2].weight)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"surrogate": "zero"}, "unknown surrogate 'zero'; use one of linear, identity"),
+    ({"sandwich_train_surrogates": "no"}, "sandwich_train_surrogates must be True or False"),
+])
+def test_bad_surrogate_options(options, message):
+    model = make_flux()
+    with pytest.raises(BlockpruneError, match=message):
+        blockprune.compress(model, adapter="flux", ratio=0.25, calibration=flux_batches(2), **options,
+                            progress=False, cache_dir=False)

@@ -34,6 +34,7 @@ SANDWICH_HELP = {
     "lora_alpha": "LoRA alpha",
     "lora_targets": "module names inside a block that get LoRA (default: the adapter's)",
     "gradient_checkpointing": "recompute activations in the backward pass to save memory",
+    "train_surrogates": "train the span's linear layers too (default on; off: they keep their least-squares fit)",
     "activation_budget": "bytes of recorded activations kept in RAM before spilling to disk",
 }
 
@@ -50,7 +51,7 @@ def add_sandwich_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         text = SANDWICH_HELP[field.name] + ("" if default is None or isinstance(default, bool) else f" (default {default})")
         if isinstance(default, bool):
-            group.add_argument(flag, dest=name, action="store_true", default=None, help=text)
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif field.name == "target":
             group.add_argument(flag, dest=name, choices=TARGETS, help=text)
         elif field.name == "lora_targets":
@@ -76,6 +77,9 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
     parser.add_argument("--ratio", type=float, default=0.2, help="share of blocks to replace (default 0.2)")
     parser.add_argument("--order", default="importance",
                         help=f"replacement order: {', '.join(ORDERS)}, or comma-separated block names (default importance)")
+    parser.add_argument("--surrogate", choices=("linear", "identity"),
+                        help="linear: fitted by least squares (BRLL, default); identity: Y = X, the blocks deleted "
+                        "(a baseline to compare with)")
     parser.add_argument("--rescore", choices=("once", "each"),
                         help="score blocks once (the paper) or again after each replacement (default once)")
     parser.add_argument("--reuse-from", dest="reuse_from", metavar="DIR",

@@ -27,6 +27,7 @@ class SandwichOptions:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] | None = None  # module names inside a block; default: the adapter's
     gradient_checkpointing: bool = False
+    train_surrogates: bool = True  # train the span's linear layers in full; False: they keep their fit (or Y = X)
     activation_budget: int = 8 * 2**30  # bytes of recorded activations kept in RAM before spilling to disk
 
     @classmethod
@@ -57,6 +58,9 @@ class SandwichOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
                 raise BlockpruneError(f"{_option(name)} must be strictly between 0 and 1, got {value!r}")
+        for name in ("gradient_checkpointing", "train_surrogates"):
+            if not isinstance(getattr(self, name), bool):
+                raise BlockpruneError(f"{_option(name)} must be True or False, got {getattr(self, name)!r}")
         if self.target not in TARGETS:
             raise BlockpruneError(f"sandwich_target must be 'local' or 'global', got {self.target!r}")
         return self

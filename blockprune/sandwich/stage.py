@@ -185,7 +185,7 @@ def _run_stage(model, adapter, blocks, replaced, new_block, train_batches, held_
     for module in modules:
         module.requires_grad_(False)
     for name in surrogates:
-        model.get_submodule(name).float().requires_grad_(True)
+        model.get_submodule(name).float().requires_grad_(options.train_surrogates)
     for name in lora_blocks:
         targets = list(options.lora_targets or adapter.lora_targets(model.get_submodule(name)))
         if targets:
@@ -222,7 +222,7 @@ def _run_stage(model, adapter, blocks, replaced, new_block, train_batches, held_
     if not (keep_spilled and spill_folder is not None):
         for store in stores:
             store.close()
-    report = StageReport(new_block, span_names, [n for n, _ in lora_models], surrogates, options.steps, loss_before,
+    report = StageReport(new_block, span_names, [n for n, _ in lora_models], surrogates if options.train_surrogates else [], options.steps, loss_before,
                          loss_after, error_before, error_after, time.perf_counter() - started, peak, spilled,
                          train_seconds)
     return report, trained, lora
