@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraModel
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .. import distributed
@@ -90,6 +91,14 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _training_attention(device: torch.device):
+    """Attention kernels for sandwich training: every one but cuDNN's, whose bf16 backward gave NaN gradients (H100)
+    or failed ("mha_graph.execute", H200) on small heads in torch 2.11 + CUDA 13."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _evaluate(modules, span, inputs: ActivationStore, targets: ActivationStore, device) -> tuple[float, float]:
@@ -271,7 +280,7 @@ def _train(modules, span, inputs, targets, total, trainable, options, device, se
             index = order.pop()
             if index % world != rank:
                 continue
-            with torch.enable_grad(), _autocast(device):
+            with torch.enable_grad(), _autocast(device), _training_attention(device):
                 outputs = run_span(modules, span, moved(inputs[index // world], device), options.gradient_checkpointing)
                 squared, _, count = _errors(outputs, moved(targets[index // world], device))
                 loss = squared / count
