@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from blockprune import Adapter, BlockSpec, hookimpl
+from blockprune.adapter import prompt_seed_chunks
 
 
 class DiTAdapter(Adapter):
@@ -34,16 +35,15 @@ class DiTAdapter(Adapter):
         pipe(class_labels=[class_label(pipe, prompt)], num_inference_steps=num_inference_steps, generator=generator,
              output_type="np")
 
-    def generate(self, source, prompts, seeds, num_inference_steps) -> torch.Tensor:
+    def generate(self, source, prompts, seeds, num_inference_steps, batch_size: int = 1) -> torch.Tensor:
         if isinstance(source, nn.Module):
             return super().generate(source, prompts, seeds, num_inference_steps)  # explains what is missing
         images = []
-        for prompt in prompts:
-            for seed in seeds:
-                generator = torch.Generator("cpu").manual_seed(seed)
-                output = source(class_labels=[class_label(source, prompt)], num_inference_steps=num_inference_steps,
-                                generator=generator, output_type="np")
-                images.append(torch.from_numpy(output.images).permute(0, 3, 1, 2))
+        for chunk in prompt_seed_chunks(prompts, seeds, batch_size):
+            generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
+            output = source(class_labels=[class_label(source, prompt) for prompt, _ in chunk],
+                            num_inference_steps=num_inference_steps, generator=generators, output_type="np")
+            images.append(torch.from_numpy(output.images).permute(0, 3, 1, 2))
         return torch.cat(images)
 
 

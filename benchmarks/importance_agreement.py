@@ -71,7 +71,7 @@ def main() -> None:
         pipe = pipe.to("cuda")
     batches = calibration_batches(pipe, args.calibration)
     options = {"generation_prompts": evaluation_prompts(args.prompts), "generation_seeds": list(range(args.seeds)),
-               "generation_steps": args.steps, "feature_extractor": CheckerFeatures(), "clip_scorer": checker_scorer}
+               "generation_steps": args.steps, "generation_batch_size": 256, "feature_extractor": CheckerFeatures(), "clip_scorer": checker_scorer}
     common = {"calibration": batches, "progress": False, "cache_dir": False, "metric_options": options}
     started = time.perf_counter()
     paper = blockprune.importance(pipe, importance={"fid": 0.5, "clip": 0.5}, **common)

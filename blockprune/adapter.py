@@ -127,11 +127,14 @@ class Adapter:
             if isinstance(module, nn.Linear) and not any(part in name for part in ("norm", "emb"))
         ]
 
-    def generate(self, source: Any, prompts: list[str], seeds: list[int], num_inference_steps: int) -> torch.Tensor:
+    def generate(
+        self, source: Any, prompts: list[str], seeds: list[int], num_inference_steps: int, batch_size: int = 1
+    ) -> torch.Tensor:
         """Images for each prompt and seed (prompt-major), ``(N, 3, H, W)`` in [0, 1], for generation metrics.
 
         ``source`` is the pipeline holding the model, or the bare model when there is none. This default
-        calls a diffusers text-to-image pipeline; adapters of models that sample otherwise override it.
+        calls a diffusers text-to-image pipeline, ``batch_size`` images per call (one seeded generator each);
+        adapters of models that sample otherwise override it.
         """
         if isinstance(source, nn.Module):
             raise BlockpruneError(
@@ -139,12 +142,20 @@ class Adapter:
                 f"pipeline that holds it (its .transformer), or use a forward metric such as output_mse"
             )
         images = []
-        for prompt in prompts:
-            for seed in seeds:
-                generator = torch.Generator("cpu").manual_seed(seed)
-                output = source(prompt=prompt, num_inference_steps=num_inference_steps, generator=generator, output_type="pt")
-                images.append(output.images)
+        for chunk in prompt_seed_chunks(prompts, seeds, batch_size):
+            generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
+            output = source(prompt=[prompt for prompt, _ in chunk], num_inference_steps=num_inference_steps,
+                            generator=generators, output_type="pt")
+            images.append(output.images)
         return torch.cat(images)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def prompt_seed_chunks(prompts: list[str], seeds: list[int], batch_size: int) -> list[list[tuple[str, int]]]:
+    """Every (prompt, seed) pair, prompt-major, in chunks of ``batch_size``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BlockpruneError(f"generation_batch_size must be a positive integer, got {batch_size!r}")
+    pairs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    return [pairs[start:start + batch_size] for start in range(0, len(pairs), batch_size)]

@@ -59,3 +59,18 @@ def test_clip_scorer_must_return_one_score_per_image():
         blockprune.importance(_pipe(), adapter="dit", importance="clip", progress=False, calibration_prompts=["a"],
                               calibration_steps=2, cache_dir=False,
                               metric_options={**OPTIONS, "clip_scorer": lambda images, prompts: torch.ones(1)})
+
+
+@pytest.mark.parametrize("adapter, make", [("dit", _pipe), ("flux", None)])
+def test_batched_generation_gives_the_images_of_one_call_per_image(adapter, make):
+    from blockprune import plugins
+    from test_toy_pipeline import tiny_toy_pipeline
+
+    pipe = make() if make else tiny_toy_pipeline("flux")
+    generate = plugins.adapters()[adapter].generate
+    one_by_one = generate(pipe, ["a red fox", "a lighthouse"], [0, 1, 2], 2)
+    batched = generate(pipe, ["a red fox", "a lighthouse"], [0, 1, 2], 2, batch_size=4)  # chunks of 4 and 2
+    assert one_by_one.shape[0] == 6
+    torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=0)
+    with pytest.raises(BlockpruneError, match="generation_batch_size must be a positive integer, got 0"):
+        generate(pipe, ["a red fox"], [0], 2, batch_size=0)

@@ -71,6 +71,7 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clip-model-path", metavar="DIR", help="local CLIP folder for the clip metric")
     group.add_argument("--generation-steps", type=int, metavar="N", help="denoising steps of generation metrics")
     group.add_argument("--generation-seeds", type=int, nargs="+", metavar="SEED", help="seeds of generation metrics")
+    group.add_argument("--generation-batch-size", type=int, metavar="N", help="images per pipeline call (default 1)")
 
 
 def parse_importance(text: str) -> str | list[str] | dict[str, float]:
@@ -99,7 +100,8 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     metric_options = {
         key: value
         for key, value in (("clip_model_path", args.clip_model_path), ("generation_steps", args.generation_steps),
-                           ("generation_seeds", args.generation_seeds))
+                           ("generation_seeds", args.generation_seeds),
+                           ("generation_batch_size", args.generation_batch_size))
         if value is not None
     }
     if metric_options:

@@ -22,6 +22,7 @@ def generation_settings(context: ScoringContext) -> dict[str, Any]:
         "prompts": list(options.get("generation_prompts") or bundled_prompts()[:DEFAULT_PROMPTS]),
         "seeds": list(options.get("generation_seeds") or DEFAULT_SEEDS),
         "steps": int(options.get("generation_steps") or DEFAULT_STEPS),
+        "batch_size": options.get("generation_batch_size") or 1,
     }
 
 
@@ -40,7 +41,8 @@ def generated_images(context: ScoringContext) -> torch.Tensor:
     key = None if context.current is None else context.current.name
     if key not in context.images:
         settings = generation_settings(context)
-        images = context.adapter.generate(context.generator, settings["prompts"], settings["seeds"], settings["steps"])
+        batching = {"batch_size": settings["batch_size"]} if settings["batch_size"] != 1 else {}  # adapters of old keep working
+        images = context.adapter.generate(context.generator, settings["prompts"], settings["seeds"], settings["steps"], **batching)
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise BlockpruneError(
