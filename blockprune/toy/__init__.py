@@ -6,7 +6,8 @@
   word-level text encoder, and ``ToyPipeline`` (Euler sampler for rectified flow);
 - :mod:`.training`: rectified-flow training within a time budget;
 - :mod:`.evaluation` / :mod:`.metrics`: teacher fidelity, attribute accuracy, Fréchet distance, also as
-  importance metrics (``toy_fidelity``, ``toy_accuracy``, ``toy_frechet``).
+  importance metrics (``toy_fidelity``, ``toy_accuracy``, ``toy_frechet``);
+- :mod:`.grid`: labelled side-by-side image grids as PNG.
 """
 
 from .captions import Caption, all_captions, parse_caption, split_ids, vocabulary
@@ -24,6 +25,7 @@ from .evaluation import (
     ssim,
     teacher_fidelity,
 )
+from .grid import image_grid, save_image_grid
 from .models import ToyConfig, ToyTextEncoder
 from .pipeline import WEIGHTS_DIR, ToyPipeline, ToyPipelineOutput, calibration_batches
 
@@ -47,11 +49,13 @@ __all__ = [
     "evaluate",
     "evaluation_prompts",
     "generate",
+    "image_grid",
     "image_features",
     "judge",
     "parse_caption",
     "psnr",
     "sample_batch",
+    "save_image_grid",
     "split_ids",
     "ssim",
     "teacher_fidelity",
