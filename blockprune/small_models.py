@@ -79,7 +79,7 @@ def _toy_calibration(model: Any, count: int, seed: int) -> list[dict[str, Any]]:
 
 
 SMALL_MODELS.update(toy_small_models())
-DEFAULT_SMALL_MODEL = "flux-random"
+DEFAULT_SMALL_MODEL = "flux-small"
 
 
 def small_model(name: str) -> SmallModel:

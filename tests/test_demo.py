@@ -1,25 +1,32 @@
 """The README's main job: the embedded default compressed, saved and reloaded."""
 
+from PIL import Image
+
 from blockprune import plan
 from blockprune.__main__ import main
 from blockprune.demo import flux_batches, run_demo, tiny_flux
 from blockprune.serialization import from_pretrained
 
 
-def test_demo_compresses_saves_and_reloads(tmp_path, capsys):
-    result = run_demo(ratio=0.2, output=tmp_path / "out")
+def test_demo_compresses_the_trained_model_and_writes_a_grid(tmp_path, capsys):
+    result = run_demo(ratio=0.1, output=tmp_path / "out", prompts=8)
     out = capsys.readouterr().out
-    assert "blockprune plan: 4 of 20 blocks replaced (flux)" in out
-    assert 0 < result["relative_error"] < 0.05
-    loaded = from_pretrained(tmp_path / "out")
-    assert len(plan(loaded).replaced) == 4
+    assert "blockprune plan: 2 of 20 blocks replaced (flux)" in out
+    assert "attribute accuracy" in out and "PSNR" in out
+    assert result["accuracy_before"] >= 0.8 and 0 <= result["accuracy_after"] <= 1
+    assert 10 < result["psnr"] < 60 and 0 < result["ssim"] < 1  # changed, not destroyed
+    assert 0.85 < result["flops_ratio"] < 0.95
+    with Image.open(tmp_path / "out" / "grid.png") as grid:
+        assert grid.size[1] == 2 * (32 * 3 + 2)  # two rows of 32-pixel images at 3×
+    loaded = from_pretrained(tmp_path / "out" / "transformer")
+    assert len(plan(loaded).replaced) == 2
 
 
-def test_demo_command_line(tmp_path, capsys):
-    assert main(["demo", "--ratio", "0.1", "--output", str(tmp_path / "cli")]) == 0
-    out = capsys.readouterr().out
-    assert "2 of 20 blocks replaced" in out
-    assert "no image grid: the embedded default has random weights and no pipeline" in out
+def test_demo_command_line_refuses_a_folder_in_use(tmp_path, capsys):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "file").write_text("x")
+    assert main(["demo", "--output", str(tmp_path / "used")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
 
 
 def test_demo_model_shape():
