@@ -8,7 +8,8 @@ Configurations (FLUX-like model; SD3-like: the ratio sweep and the method group 
 - ratio sweep 0 / 10 / 20 / 30 %, BRLL + sandwich training (ST), blocks in importance order (paper Table 6);
 - at 20 %: BRLL without ST, deletion (residual branch skipped) with the same ST, deletion without ST, all on
   the blocks BRLL + ST chose for that seed (Table 4, Fig. 6);
-- order start2end / end2start (Table 5), sandwich width 1 / 5 (Fig. 7), target global; the 20 % row is the
+- order start2end / end2start (Table 5), and importance by ``fit_residual`` and by ``output_mse`` with
+  ``ablation="replace"``; sandwich width 1 / 5 (Fig. 7), target global; the 20 % row is the ``output_mse``
   importance / width 3 / local one;
 - width pruning at matched FLOPs: L1-norm structured pruning of attention heads and MLP channels, then the
   whole model fine-tuned to the unpruned one's output on the same calibration batches, for as many steps as
@@ -70,6 +71,8 @@ FLUX_CONFIGS = [
     ("method", "BRLL+ST lr 1e-3 20%", 0.2, {"sandwich_lr": 1e-3}),
     ("order", "start2end 20%", 0.2, {"order": "start2end"}),
     ("order", "end2start 20%", 0.2, {"order": "end2start"}),
+    ("order", "fit_residual 20%", 0.2, {"importance": "fit_residual"}),
+    ("order", "mse replace 20%", 0.2, {"ablation": "replace"}),
     ("width", "ST width 1 20%", 0.2, {"sandwich_width": 1}),
     ("width", "ST width 5 20%", 0.2, {"sandwich_width": 5}),
     ("target", "ST global 20%", 0.2, {"sandwich_target": "global"}),
@@ -99,7 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     parser.add_argument("--sandwich-steps", type=int, default=100, help="ST optimizer steps per stage (default 100)")
     parser.add_argument("--sandwich-lr", type=float, default=1e-4, help="ST learning rate (default 1e-4)")
-    parser.add_argument("--importance", default="output_mse", help="importance metric (default output_mse)")
+    parser.add_argument("--importance", default="output_mse",
+                        help="importance of the reference rows (default output_mse, as in docs/results.md)")
     parser.add_argument("--only", nargs="+", metavar="LABEL", help="run only these configurations (and 'full')")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "docs/results/ablation")))
@@ -165,9 +169,9 @@ def run_config(pipe, label, ratio, options, calibration, reference, args) -> tup
         options = dict(options)
         if "order" not in options and ("surrogate" in options or options.get("sandwich") is False):
             options["order"] = reference["blocks"]
-        options = {"sandwich_steps": args.sandwich_steps, "sandwich_lr": args.sandwich_lr, **options}
-        blockprune.compress(model, adapter=adapter, ratio=ratio, calibration=calibration, seed=args.seed,
-                            importance=args.importance, progress=False, cache_dir=Path(tempfile.gettempdir()) / "blockprune-ablation", **options)
+        options = {"sandwich_steps": args.sandwich_steps, "sandwich_lr": args.sandwich_lr, "importance": args.importance,
+                   **options}
+        blockprune.compress(model, adapter=adapter, ratio=ratio, calibration=calibration, seed=args.seed, progress=False, cache_dir=Path(tempfile.gettempdir()) / "blockprune-ablation", **options)
         plan = blockprune.plan(model)
         extra = {"blocks": plan.replaced_names, "stages": len(plan.stages)}
     else:
