@@ -77,7 +77,7 @@ def compress_once(args, device, offload: bool) -> dict:
     started = time.perf_counter()
     blockprune.compress(model, adapter="flux", ratio=0.2, calibration=batches, device=device, offload=offload,
                         progress=False, cache_dir=False, score_batches=args.score_batches,
-                        sandwich_steps=args.steps, sandwich_lr=1e-4)
+                        sandwich_steps=args.steps, sandwich_lr=1e-4, importance="output_mse")  # as in docs/results.md
     wall = time.perf_counter() - started
     plan = blockprune.plan(model)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0

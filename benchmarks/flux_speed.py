@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch = on_device(flux_inputs(model, args.resolution, args.text_tokens, seed=args.seed + 1000))[0]
     started = time.perf_counter()
     ranking = blockprune.importance(model, "flux", calibration, progress=False, cache_dir=False,
-                                    score_batches=args.score_batches)
+                                    score_batches=args.score_batches, importance="output_mse")  # as in docs/results.md
     importance_s = time.perf_counter() - started
     names = ranking.blocks
     print(f"importance of {len(names)} blocks in {importance_s:.1f} s; least important first: "

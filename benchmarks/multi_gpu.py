@@ -64,11 +64,12 @@ def worker(args: argparse.Namespace) -> None:
         return time.perf_counter() - start
 
     model = make()
+    measured = {"importance": "output_mse"}  # the metric of the figures in docs/results.md
     scoring = timed(lambda: blockprune.importance(model, adapter="flux", calibration=batches, progress=False,
-                                                  cache_dir=False, device=device))
+                                                  cache_dir=False, device=device, **measured))
     compress = timed(lambda: blockprune.compress(model, adapter="flux", ratio=args.ratio, calibration=batches,
                                                  progress=False, cache_dir=False, device=device,
-                                                 sandwich_steps=args.steps, sandwich_lr=1e-4))
+                                                 sandwich_steps=args.steps, sandwich_lr=1e-4, **measured))
     if distributed.is_main():
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         Path(args.result).write_text(json.dumps({"scoring_s": scoring, "compress_s": compress, "peak_bytes": peak}))

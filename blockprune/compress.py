@@ -84,7 +84,7 @@ def compress(
     calibration: Any = None,
     *,
     order: str | list[str] = "importance",
-    importance: str | list[str] | Mapping[str, float] = "output_mse",
+    importance: str | list[str] | Mapping[str, float] = "fit_residual",
     sandwich: bool = True,
     seed: int = 0,
     progress: bool = True,

@@ -154,7 +154,7 @@ def importance(
     adapter: str = "auto",
     calibration: Any = None,
     *,
-    importance: str | list[str] | Mapping[str, float] = "output_mse",
+    importance: str | list[str] | Mapping[str, float] = "fit_residual",
     progress: bool = True,
     device: str | torch.device | None = None,
     **options: Any,

@@ -24,7 +24,8 @@ POINTS = {
     "training": (blockprune.sandwich.stage, "_train"),
     "writing": (blockprune.workdir.os, "replace"),
 }
-OPTIONS = {"ratio": 0.5, "sandwich_steps": 8, "sandwich_lr": 1e-3, "progress": False, "cache_dir": False}
+OPTIONS = {"ratio": 0.5, "sandwich_steps": 8, "sandwich_lr": 1e-3, "progress": False, "cache_dir": False,
+           "importance": "output_mse"}  # its evaluations are the "scoring" kill point
 
 
 def kill_on_call(point: str, count: int) -> None:

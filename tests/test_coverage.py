@@ -95,8 +95,10 @@ def test_compress_forward_and_round_trip(family, tmp_path):
     batches = family.batches(3, 0)
     held_out = family.batches(1, 1)[0]
     reference = run(model, held_out)
+    # output_mse: in some tiny families the block that fits best (fit_residual, the default) leaves the output
+    # bit-identical (Kandinsky 5's last text block), and the check below wants to see the replacement
     blockprune.compress(model, adapter=family.adapter, ratio=0.25, calibration=batches, sandwich=False,
-                        progress=False)
+                        importance="output_mse", progress=False)
     replaced = blockprune.plan(model).replaced
     assert len(replaced) == round(0.25 * family.blocks)
     assert all(isinstance(model.get_submodule(r.name), LinearSurrogate) for r in replaced)

@@ -58,9 +58,9 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     """Importance metrics and their options."""
     group = parser.add_argument_group("importance scoring")
-    group.add_argument("--importance", default="output_mse", metavar="METRICS",
+    group.add_argument("--importance", default="fit_residual", metavar="METRICS",
                        help="a metric, several comma-separated (equal weights) or name=weight pairs, e.g. "
-                       "fid=0.5,clip=0.5 (default output_mse); see 'blockprune plugins' for the metrics")
+                       "fid=0.5,clip=0.5 (default fit_residual); see 'blockprune plugins' for the metrics")
     group.add_argument("--ablation", choices=("remove", "replace"),
                        help=f"how a block is ablated for scoring (default {OPTIONS['ablation']})")
     group.add_argument("--score-batches", type=int, metavar="N", help="calibration batches used for scoring (default all)")
