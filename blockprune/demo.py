@@ -84,6 +84,7 @@ def run_demo(
     ``{output}/grid.png`` (original above, compressed below) next to the saved transformer.
     """
     import blockprune
+    from blockprune.errors import BlockpruneError
     from blockprune.toy import (
         ToyPipeline,
         attribute_accuracy,
@@ -94,6 +95,8 @@ def run_demo(
         teacher_fidelity,
     )
 
+    if isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 1:
+        raise BlockpruneError(f"prompts must be a positive integer (images to compare on), got {prompts!r}")
     torch.set_num_threads(min(2, torch.get_num_threads()))  # a width-128 model: more threads cost more than they save
     console = Console()
     pipe = ToyPipeline.from_pretrained(model)

@@ -1,9 +1,11 @@
 """The README's main job: the embedded default compressed, saved and reloaded."""
 
+import pytest
 from PIL import Image
 
 from blockprune import plan
 from blockprune.__main__ import main
+from blockprune.errors import BlockpruneError
 from blockprune.demo import flux_batches, run_demo, tiny_flux
 from blockprune.serialization import from_pretrained
 
@@ -34,3 +36,8 @@ def test_demo_model_shape():
     assert len(model.transformer_blocks) == 6 and len(model.single_transformer_blocks) == 14
     batch = flux_batches(model, 1)[0]
     assert model(**batch).sample.shape == batch["hidden_states"].shape
+
+
+def test_demo_needs_at_least_one_prompt(tmp_path):
+    with pytest.raises(BlockpruneError, match="prompts must be a positive integer"):
+        run_demo(output=tmp_path / "none", prompts=0)
