@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["BLOCKPRUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="blockprune-test-cache-")
@@ -176,3 +179,16 @@ def family(request):
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float(((got - expected) ** 2).sum() / (expected**2).sum())
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_script(name: str):
+    """``benchmarks/{name}.py`` imported as a module (``benchmarks/`` on the path for its own imports)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

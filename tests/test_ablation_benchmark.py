@@ -1,20 +1,11 @@
 """benchmarks/ablation.py in its CPU smoke mode: the configurations it promises, on the blocks it promises."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import benchmark_script
 
 
 def _script():
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("ablation", BENCHMARKS / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("ablation")
 
 
 def test_quick_run_compares_methods_on_the_same_blocks_and_summarizes(tmp_path, capsys):

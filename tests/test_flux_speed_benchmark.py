@@ -1,23 +1,19 @@
 """benchmarks/flux_speed.py end to end on a tiny FLUX configuration on the CPU."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import BENCHMARKS, benchmark_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "flux_speed.py"
+SCRIPT = BENCHMARKS / "flux_speed.py"
 
 
 def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("flux_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("flux_speed")
 
 
 def test_tiny_run_prints_the_table_last_and_writes_json(tmp_path):

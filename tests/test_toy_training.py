@@ -1,23 +1,18 @@
 """The training script's CPU smoke mode: the loss drops, and the written weights load back."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import benchmark_script
 
 from blockprune.errors import BlockpruneError
 from blockprune.toy import ToyPipeline
 from blockprune.toy.training import TrainingSettings, train
 from test_toy_pipeline import tiny_toy_pipeline
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_small_models.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("train_small_models", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("train_small_models")
 
 
 def test_smoke_training_lowers_the_loss_and_writes_loadable_weights(tmp_path, capsys):
