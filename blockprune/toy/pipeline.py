@@ -76,6 +76,8 @@ class ToyPipeline:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ToyPipeline:
         """Move both models (in place); returns the pipeline."""
+        if dtype == self.dtype:  # diffusers warns on every dtype cast, even to the dtype it already has
+            dtype = None
         moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         self.transformer.to(**moves)
         self.text_encoder.to(**moves)
