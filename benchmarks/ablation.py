@@ -87,6 +87,7 @@ SD3_CONFIGS = [  # 8 blocks: 1, 2 and 3 replaced
     ("method", "deletion 25%", 0.25, {"surrogate": "identity", "sandwich": False}),
 ]
 REFERENCE = {"flux-small": "BRLL+ST 20%", "sd3-small": "BRLL+ST 25%"}  # whose blocks the method group reuses
+ADAPTER = {"flux-small": "flux", "sd3-small": "sd3"}
 METRICS = ("psnr", "ssim", "accuracy", "frechet", "params", "flops", "compress_s")
 
 
@@ -154,12 +155,8 @@ def latencies(transformer: torch.nn.Module, batch: dict[str, Any], args: argpars
 def run_config(pipe, label, ratio, options, calibration, reference, args) -> tuple[ToyPipeline, dict]:
     """Compress a copy of ``pipe`` as the configuration says; returns it with what it cost."""
     model = copy.deepcopy(pipe)
-    adapter = "flux" if args.model == "flux-small" else "sd3"
     started = time.perf_counter()
-    if "keep" in reference:  # --latency: seed 0's structure, untrained
-        l1_prune(model.transformer, reference["keep"])
-        extra = {}
-    elif label == "width pruning+FT":
+    if label == "width pruning+FT":
         keep = keep_for_flops(model.transformer, calibration[0], reference["flops"])
         l1_prune(model.transformer, keep)
         steps = reference["stages"] * args.sandwich_steps
@@ -171,7 +168,8 @@ def run_config(pipe, label, ratio, options, calibration, reference, args) -> tup
             options["order"] = reference["blocks"]
         options = {"sandwich_steps": args.sandwich_steps, "sandwich_lr": args.sandwich_lr, "importance": args.importance,
                    **options}
-        blockprune.compress(model, adapter=adapter, ratio=ratio, calibration=calibration, seed=args.seed, progress=False, cache_dir=Path(tempfile.gettempdir()) / "blockprune-ablation", **options)
+        blockprune.compress(model, adapter=ADAPTER[args.model], ratio=ratio, calibration=calibration, seed=args.seed,
+                            progress=False, cache_dir=Path(tempfile.gettempdir()) / "blockprune-ablation", **options)
         plan = blockprune.plan(model)
         extra = {"blocks": plan.replaced_names, "stages": len(plan.stages)}
     else:
@@ -192,9 +190,12 @@ def time_seed0(args: argparse.Namespace) -> dict:
     for row in run["rows"]:
         if "error" in row:
             continue
-        reference = {"keep": row["keep"]} if "keep" in row else {}
-        options = {"order": row["blocks"], "sandwich": False, "surrogate": "linear"} if row.get("blocks") else {}
-        model, _ = run_config(pipe, row["label"], row["ratio"], options, calibration, reference, args)
+        model = copy.deepcopy(pipe)
+        if "keep" in row:
+            l1_prune(model.transformer, row["keep"])
+        elif row.get("blocks"):
+            blockprune.compress(model, adapter=ADAPTER[args.model], ratio=row["ratio"], calibration=calibration,
+                                order=row["blocks"], sandwich=False, progress=False, cache_dir=False)
         timed[row["label"]] = latencies(model.transformer, batch, args)
         print(f"{row['label']:<20} {timed[row['label']]}", flush=True)
     return {"model": args.model, "device": run["device"] if args.device != "cpu" else "cpu", "batch": 2 * args.batch_size,
