@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -29,12 +30,11 @@ class HostBuffer:
         offsets, total = [], 0
         for tensor in tensors:
             offsets.append(total)
-            total += -(-tensor.numel() * tensor.element_size() // _ALIGNMENT) * _ALIGNMENT
+            total += -(-tensor.nbytes // _ALIGNMENT) * _ALIGNMENT
         self.storage = torch.empty(total, dtype=torch.uint8)
         self.views = []
         for tensor, offset in zip(tensors, offsets):
-            nbytes = tensor.numel() * tensor.element_size()
-            view = self.storage[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
+            view = self.storage[offset:offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
             self.views.append(view.copy_(tensor))
         self.locked = page_lock and total > 0 and self._register(total)
 
@@ -57,8 +57,17 @@ class HostBuffer:
 
 def _overlapping(tensors: list[torch.Tensor]) -> bool:
     """Whether any two of ``tensors`` share bytes (views of one storage that do not overlap are fine)."""
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel())
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors if t.numel())
     return any(start < end for (_, end), (start, _) in zip(spans, spans[1:]))
+
+
+@dataclass
+class _Home:
+    """A block as housed by :class:`Offload`: the module, its buffer, and each tensor's view by ``id``."""
+
+    module: nn.Module
+    buffer: HostBuffer
+    views: dict[int, torch.Tensor]
 
 
 class Offload:
@@ -81,7 +90,7 @@ class Offload:
         self.moving: set[int] = set()
         self.stash: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.handles: list[Any] = []
-        self.homes: dict[str, tuple[nn.Module, HostBuffer, dict[int, torch.Tensor]]] = {}
+        self.homes: dict[str, _Home] = {}
 
     def refresh(self) -> None:
         """Look the blocks up again (a surrogate may stand where a block was); done at every model forward.
@@ -99,14 +108,14 @@ class Offload:
         buffer = HostBuffer((t.data for t in tensors), page_lock=self.page_lock)
         for tensor, view in zip(tensors, buffer.views):
             tensor.data = view
-        self.homes[name] = (module, buffer, {id(t): view for t, view in zip(tensors, buffer.views)})
+        self.homes[name] = _Home(module, buffer, {id(t): view for t, view in zip(tensors, buffer.views)})
 
     def _to_host(self, name: str) -> None:
         """Bring the module at ``name`` back to the CPU: into its host buffer where it has one, so that what
         training changed stays page-locked too."""
         module = self.model.get_submodule(name)
         home = self.homes.get(name)
-        views = home[2] if home is not None and home[0] is module else {}
+        views = home.views if home is not None and home.module is module else {}
         for tensor in (*module.parameters(), *module.buffers()):
             view = views.get(id(tensor))
             if view is not None and view.shape == tensor.shape and view.dtype == tensor.dtype:
@@ -171,8 +180,8 @@ class Offload:
         self._release_homes()
 
     def _release_homes(self) -> None:
-        for _, buffer, _ in self.homes.values():
-            buffer.release()
+        for home in self.homes.values():
+            home.buffer.release()
         self.homes.clear()
 
     @contextlib.contextmanager

@@ -79,14 +79,14 @@ def test_offload_keeps_each_block_in_its_own_buffer_while_it_is_swapped_out_and_
     with Offload(model, blocks, "cpu") as offload:
         for name in blocks:
             storages = {p.untyped_storage().data_ptr() for p in model.get_submodule(name).parameters()}
-            assert storages == {offload.homes[name][1].storage.data_ptr()}
+            assert storages == {offload.homes[name].buffer.storage.data_ptr()}
         block = model.single_transformer_blocks[0]
         model.single_transformer_blocks[0] = torch.nn.Identity()  # as importance scoring does
         offload.refresh()
         model.single_transformer_blocks[0] = block
         with offload.pinned(["single_transformer_blocks.0"]):  # to the device and back into its buffer
             pass
-        assert block.proj_out.weight.untyped_storage().data_ptr() == offload.homes[blocks[1]][1].storage.data_ptr()
+        assert block.proj_out.weight.untyped_storage().data_ptr() == offload.homes[blocks[1]].buffer.storage.data_ptr()
     assert not offload.homes
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -139,6 +139,6 @@ def test_a_span_trained_on_the_gpu_comes_back_into_its_page_locked_buffer():
         with offload.pinned([name]):
             assert weight.device.type == "cuda"
             weight.data.add_(1.0)
-        assert weight.is_pinned() and weight.untyped_storage().data_ptr() == offload.homes[name][1].storage.data_ptr()
+        assert weight.is_pinned() and weight.untyped_storage().data_ptr() == offload.homes[name].buffer.storage.data_ptr()
         changed = weight.detach().clone()
     assert not weight.is_pinned() and torch.equal(weight, changed)
