@@ -31,7 +31,7 @@ class DiTAdapter(Adapter):
         kept = ("norm1.emb",) if name == "transformer_blocks.0" else ()
         return BlockSpec(outputs="hidden_states", kept_submodules=kept)
 
-    def run_pipeline(self, pipe, prompt, generator, num_inference_steps) -> None:
+    def call_pipeline(self, pipe, prompt, generator, num_inference_steps) -> None:
         pipe(class_labels=[class_label(pipe, prompt)], num_inference_steps=num_inference_steps, generator=generator,
              output_type="np")
 

@@ -8,8 +8,8 @@ import logging
 from torch import nn
 
 from blockprune import Adapter, BlockSpec, hookimpl
+from blockprune.discovery.trace import CallRecord, Trace
 from blockprune.errors import BlockpruneError
-from blockprune.trace import CallRecord, Trace
 
 logger = logging.getLogger("blockprune")
 

@@ -24,7 +24,7 @@ class SD3Adapter(Adapter):
             return BlockSpec(outputs=(None, "hidden_states"))
         return BlockSpec(outputs=("encoder_hidden_states", "hidden_states"))
 
-    def run_pipeline(self, pipe, prompt, generator, num_inference_steps) -> None:
+    def call_pipeline(self, pipe, prompt, generator, num_inference_steps) -> None:
         pipe(prompt=prompt, num_inference_steps=num_inference_steps, generator=generator, output_type="latent")
 
 

@@ -40,10 +40,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from width_pruning import finetune, keep_for_flops, l1_prune  # noqa: E402
+
 import blockprune  # noqa: E402
-from blockprune.calibration import output_tensor, to_device  # noqa: E402
-from blockprune.flops import count_flops, count_parameters  # noqa: E402
-from blockprune.toy import (  # noqa: E402
+from blockprune.discovery.flops import count_flops, count_parameters
+from blockprune.errors import BlockpruneError
+from blockprune.runtime.forward import output_tensor, to_device
+from blockprune.toy import (
     ToyPipeline,
     attribute_accuracy,
     calibration_batches,
@@ -54,8 +57,6 @@ from blockprune.toy import (  # noqa: E402
     save_image_grid,
     teacher_fidelity,
 )
-from blockprune.errors import BlockpruneError  # noqa: E402
-from width_pruning import finetune, keep_for_flops, l1_prune  # noqa: E402
 
 GRID_PROMPTS = 8
 # (group, label, ratio, compress options); ratio 0 is the unpruned model, "width pruning" is not compress

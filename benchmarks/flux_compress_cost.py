@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flux_dev  # noqa: E402
 
 import blockprune  # noqa: E402
-from blockprune import plugins  # noqa: E402
-from blockprune.blocks import resolve_blocks  # noqa: E402
-from blockprune.recording import record_block  # noqa: E402
+from blockprune import plugins
+from blockprune.brll.recording import record_block
+from blockprune.discovery.resolve import resolve_blocks
 
 
 def build(args, device):

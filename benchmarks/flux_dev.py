@@ -1,13 +1,13 @@
 """The FLUX.1-dev configuration (METHOD.md §1) with random weights, and synthetic inputs of its real shapes.
 
-A thin layer over :mod:`blockprune.flux_dev` for the benchmark scripts.
+A thin layer over :mod:`blockprune.toy.flux_dev` for the benchmark scripts.
 """
 
 from __future__ import annotations
 
 import torch
 
-from blockprune.flux_dev import FLUX_DEV_CONFIG, build_flux, flux_inputs
+from blockprune.toy.flux_dev import FLUX_DEV_CONFIG, build_flux, flux_inputs
 
 FLUX_DEV = {"patch_size": 1, **FLUX_DEV_CONFIG}
 

@@ -37,13 +37,13 @@ import diffusers
 import torch
 
 import blockprune
-from blockprune.calibration import run_model, to_device
-from blockprune.demo import TINY_FLUX_CONFIG
-from blockprune.fit import IllConditionedWarning
-from blockprune.flops import count_flops
-from blockprune.flux_dev import FLUX_DEV_CONFIG, build_flux, flux_inputs
-from blockprune.hooks import attached
+from blockprune.discovery.flops import count_flops
+from blockprune.errors import IllConditionedWarning
 from blockprune.report import _count as format_count
+from blockprune.runtime.forward import forward_batch, to_device
+from blockprune.runtime.hooks import attached
+from blockprune.toy.demo import TINY_FLUX_CONFIG
+from blockprune.toy.flux_dev import FLUX_DEV_CONFIG, build_flux, flux_inputs
 
 # Before anything is measured: METHOD.md §6 took 157 s to compile the whole model on an H100; regional
 # compilation compiles the two block classes once. Building, compressing and timing one variant: about 45 s.
@@ -134,7 +134,7 @@ def block_inputs(model: torch.nn.Module, names: list[str], batch: dict[str, Any]
         return hook
 
     with attached(model, {name: make_hook(name) for name in names}, pre=True):
-        run_model(model, batch, 0)
+        forward_batch(model, batch, 0)
     return captured
 
 

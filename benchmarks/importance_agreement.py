@@ -22,9 +22,17 @@ from pathlib import Path
 import torch
 
 import blockprune
-from blockprune.small_models import small_model
-from blockprune.toy import CheckerFeatures, ToyConfig, ToyPipeline, calibration_batches, detect, evaluation_prompts, judge
+from blockprune.toy import (
+    CheckerFeatures,
+    ToyConfig,
+    ToyPipeline,
+    calibration_batches,
+    detect,
+    evaluation_prompts,
+    judge,
+)
 from blockprune.toy.captions import parse_caption
+from blockprune.toy.small_models import small_model
 
 CHEAP = ("output_mse", "block_influence", "fit_residual")
 
@@ -54,7 +62,7 @@ def spearman(a: dict[str, float], b: dict[str, float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="flux-small", help="a small model name from blockprune.small_models")
+    parser.add_argument("--model", default="flux-small", help="a small model name from blockprune.toy.small_models")
     parser.add_argument("--random", action="store_true", help="a randomly initialised toy FLUX model (smoke run)")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=1)

@@ -29,7 +29,7 @@ def worker(args: argparse.Namespace) -> None:
     import flux_dev
 
     import blockprune
-    from blockprune import distributed
+    from blockprune.runtime import distributed
 
     distributed.init_from_environment()
     tiny = args.tiny

@@ -5,9 +5,9 @@
 Offload (``compress(offload=True)``) copies every block's weights to the GPU at every forward, so this copy
 bounds it. Compared: ordinary (pageable) CPU tensors, ``Tensor.pin_memory()`` (torch's caching host
 allocator, which rounds each allocation up to a power of two) and one exact-size buffer per block pinned in
-place with ``cudaHostRegister`` (:class:`blockprune.offload.HostBuffer`). Median of 10 copies of a double and
+place with ``cudaHostRegister`` (:class:`blockprune.runtime.offload.HostBuffer`). Median of 10 copies of a double and
 a single block, bf16. Then one forward of the whole FLUX.1-dev configuration at 1024² (median of 3): on the
-GPU, and under :class:`blockprune.offload.Offload` with ordinary and with page-locked host memory.
+GPU, and under :class:`blockprune.runtime.offload.Offload` with ordinary and with page-locked host memory.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flux_dev  # noqa: E402
 
-from blockprune import plugins  # noqa: E402
-from blockprune.offload import HostBuffer, Offload  # noqa: E402
+from blockprune import plugins
+from blockprune.runtime.offload import HostBuffer, Offload
 
 
 def copy_ms(tensors: list[torch.Tensor], repeats: int = 10) -> float:

@@ -28,10 +28,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from blockprune.toy.evaluation import attribute_accuracy, checker_frechet_distance, dataset_images, evaluation_prompts, generate  # noqa: E402
-from blockprune.toy.models import ToyConfig  # noqa: E402
-from blockprune.toy.pipeline import WEIGHTS_DIR, ToyPipeline  # noqa: E402
-from blockprune.toy.training import TrainingSettings, load_ema, train  # noqa: E402
+from blockprune.toy.evaluation import (
+    attribute_accuracy,
+    checker_frechet_distance,
+    dataset_images,
+    evaluation_prompts,
+    generate,
+)
+from blockprune.toy.models import ToyConfig
+from blockprune.toy.pipeline import WEIGHTS_DIR, ToyPipeline
+from blockprune.toy.training import TrainingSettings, load_ema, train
 
 MAX_FILE_BYTES = 16_000_000
 FAMILY = {"flux-small": "flux", "sd3-small": "sd3"}

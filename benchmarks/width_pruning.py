@@ -27,9 +27,9 @@ from diffusers.models.transformers.transformer_flux import (
 from torch import nn
 from torch.nn import functional as F
 
-from blockprune.calibration import model_device, output_tensor, to_device
+from blockprune.discovery.flops import count_flops
 from blockprune.errors import BlockpruneError
-from blockprune.flops import count_flops
+from blockprune.runtime.forward import model_device, output_tensor, to_device
 
 __all__ = ["finetune", "keep_for_flops", "l1_prune"]
 
@@ -184,7 +184,7 @@ def _pruned_flops(transformer: nn.Module, batch: dict[str, Any], keep: float) ->
 def keep_for_flops(transformer: nn.Module, batch: dict[str, Any], target_flops: float) -> float:
     """The keep fraction whose :func:`l1_prune`-d model has forward FLOPs on ``batch`` closest to ``target_flops``.
 
-    Bisection on pruned copies (``transformer`` is not changed), FLOPs from :func:`blockprune.flops.count_flops`;
+    Bisection on pruned copies (``transformer`` is not changed), FLOPs from :func:`blockprune.discovery.flops.count_flops`;
     it stops at the resolution of one MLP channel. Returns 1.0 for a target at or above the unpruned FLOPs and
     the smallest useful keep (one channel per MLP, one head) for a target at or below that model's.
     """

@@ -1,22 +1,27 @@
 """blockprune: make diffusion transformers faster by replacing whole blocks with fitted linear layers."""
 
-__version__ = "0.1.0"
-
-from .adapter import Adapter, Block, BlockSpec
-from .compress import compress
-from .errors import BlockpruneError, NonFiniteActivationError, NotResidualError
-from .fit import IllConditionedWarning
-from .fusion import fuse
+from ._version import __version__
+from .adapter import Adapter
+from .brll.fusion import fuse
+from .brll.surrogate import LinearSurrogate
+from .compress import compress, importance
+from .discovery.inspection import inspect
+from .discovery.spec import Block, BlockSpec
+from .errors import (
+    BlockpruneError,
+    IllConditionedWarning,
+    NonFiniteActivationError,
+    NotResidualError,
+)
 from .hookspecs import hookimpl
-from .inspection import inspect
-from .metrics import Metric
 from .plan import Plan, plan
-from .ranking import ImportanceTable, importance
 from .plugins import register_plugin, unregister_plugin
+from .scoring import Metric
+from .scoring.selection import ImportanceTable
 from .serialization import from_pretrained, save_pretrained
-from .surrogate import LinearSurrogate
 
 __all__ = [
+    "__version__",
     "Adapter",
     "Block",
     "BlockSpec",

@@ -6,24 +6,35 @@ import contextlib
 import logging
 import numbers
 from collections.abc import Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 
-from . import __version__, distributed
-from .adapter import Block
+from . import plugins
+from ._version import __version__
+from .adapter import Adapter
+from .calibration import (
+    bundled_prompts,
+    prepare_calibration,
+    record_pipeline_calibration,
+)
+from .config import SandwichConfig, check_options
+from .discovery.flops import block_flops, count_flops, count_parameters
+from .discovery.resolve import resolve_blocks
+from .discovery.spec import Block
 from .errors import BlockpruneError
-from .fingerprint import data_fingerprint, model_fingerprint, value_fingerprint
-from .flops import block_flops, count_flops, count_parameters
-from .metrics import resolve_metrics
-from .plan import PLAN_ATTRIBUTE, Plan, transformer_of
+from .plan import PLAN_ATTRIBUTE, Plan, StageLog, transformer_of
 from .progressive import InterruptGuard, Progressive
-from .report import print_plan, progress_bars
-from .run import Run, check_options, prepare_run
-from .sandwich import SandwichOptions, StageLog
+from .report import output_console, print_plan, progress_bars
+from .runtime import distributed
+from .runtime.fingerprint import data_fingerprint, model_fingerprint, value_fingerprint
+from .runtime.offload import Offload
+from .runtime.workdir import Workdir
 from .sandwich.reuse import LOG_ATTRIBUTE, assemble
-from .workdir import Workdir
+from .scoring import resolve_metrics
+from .scoring.selection import ImportanceTable, score_run
 
 logger = logging.getLogger("blockprune")
 
@@ -54,7 +65,7 @@ def block_order(blocks: list[Block], order: str | list[str]) -> list[str]:
     return listed
 
 
-def _workdir(run: Run, ratio: float, order: Any, weights: dict, sandwich: SandwichOptions | None, seed: int) -> Workdir:
+def _workdir(run: Run, ratio: float, order: Any, weights: dict, sandwich: SandwichConfig | None, seed: int) -> Workdir:
     options = run.options
     sandwich_key = {k: v for k, v in asdict(sandwich).items() if k != "activation_budget"} if sandwich else None
     key = {
@@ -99,7 +110,7 @@ def compress(
     time in ``order`` (``"importance"`` ranks them by the ``importance`` metrics), each fitted on
     activations of the model as it is after the earlier replacements; with ``sandwich`` each replacement
     is followed by sandwich training of its span. With ``workdir=`` finished work is saved as it goes and
-    the same call resumes after an interruption. Keyword options: see ``blockprune.run.OPTIONS``.
+    the same call resumes after an interruption. Keyword options: see ``blockprune.compress.OPTIONS``.
     """
     transformer = transformer_of(model)
     ratio = _check_ratio(ratio)
@@ -107,7 +118,7 @@ def compress(
     distributed.init_from_environment()
     device = device if device is not None else distributed.default_device()
     progress = progress and distributed.is_main()
-    sandwich_options = SandwichOptions.from_options(checked) if sandwich else None
+    sandwich_options = SandwichConfig.from_options(checked) if sandwich else None
     if sandwich_options is not None and checked["surrogate"] == "identity":  # deleted blocks stay deleted
         sandwich_options = replace(sandwich_options, train_surrogates=False)
     if hasattr(transformer, PLAN_ATTRIBUTE):
@@ -174,3 +185,92 @@ def _finish(transformer: torch.nn.Module, result: Plan, log: StageLog, batch: di
     result.replaced = [replace(entry, flops=flops_of_block.get(entry.name)) for entry in result.replaced]
     setattr(transformer, PLAN_ATTRIBUTE, result)
     setattr(transformer, LOG_ATTRIBUTE, log)
+
+
+def importance(
+    model: Any,
+    adapter: str = "auto",
+    calibration: Any = None,
+    *,
+    importance: str | list[str] | Mapping[str, float] = "fit_residual",
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    **options: Any,
+) -> ImportanceTable:
+    """Per-block importance without compressing: each metric's value per block and the combined score.
+
+    Takes the same model, calibration and options as :func:`blockprune.compress`; scores are cached on
+    disk, so a later ``compress`` of the same model and data at any ratio costs no scoring.
+    """
+    resolve_metrics(importance)  # bad metric names fail before any work
+    distributed.init_from_environment()
+    device = device if device is not None else distributed.default_device()
+    progress = progress and distributed.is_main()
+    with contextlib.ExitStack() as stack:  # holds the offload, if any, until scoring is done
+        run = prepare_run(model, adapter, calibration, device, options, stack)
+        with progress_bars(progress) as bars:
+            table = score_run(run, importance, bars=bars)
+    if progress:
+        output_console().print(table.table())
+    return table
+
+
+@dataclass
+class Run:
+    """A model made ready for scoring or compression."""
+
+    transformer: nn.Module
+    pipeline: Any
+    adapter: Adapter
+    batches: list[dict[str, Any]]
+    blocks: list[Block]
+    options: dict[str, Any]
+    offload: Offload | None = None
+
+    @property
+    def scoring_batches(self) -> list[dict[str, Any]]:
+        """The first ``score_batches`` calibration batches (all by default)."""
+        count = self.options["score_batches"]
+        return self.batches[:count] if count else self.batches
+
+    @property
+    def metric_options(self) -> dict[str, Any]:
+        """Options handed to metrics (the ridge included, for ``replace`` ablations and ``fit_residual``)."""
+        return {**(self.options["metric_options"] or {}), "ridge": self.options["ridge"]}
+
+
+def prepare_run(
+    model: Any,
+    adapter: str,
+    calibration: Any,
+    device: str | torch.device | None,
+    options: Mapping[str, Any],
+    stack: contextlib.ExitStack | None = None,
+) -> Run:
+    """Resolve the transformer, adapter, calibration batches and blocks (verified on one forward pass).
+
+    With the ``offload`` option the model is put under :class:`Offload` on ``device`` until ``stack`` closes.
+    """
+    transformer = transformer_of(model)
+    pipeline = None if model is transformer else model
+    options = check_options(options)
+    chosen = plugins.get_adapter(transformer, adapter)
+    offload = None
+    if options["offload"]:
+        if device is None or stack is None:
+            raise BlockpruneError("offload=True needs device= (the accelerator that blocks visit), e.g. device='cuda'")
+        offload = stack.enter_context(Offload(transformer, chosen.trace_targets(transformer), device))
+    elif device is not None:
+        transformer.to(device)
+    if calibration is None and pipeline is not None:
+        batches = record_pipeline_calibration(
+            pipeline,
+            chosen,
+            options["calibration_prompts"] or bundled_prompts(),
+            num_inference_steps=options["calibration_steps"],
+            steps_per_prompt=options["steps_per_prompt"],
+        )
+    else:
+        batches = prepare_calibration(calibration)
+    blocks = resolve_blocks(transformer, chosen, batches[0])
+    return Run(transformer, pipeline, chosen, batches, blocks, options, offload)

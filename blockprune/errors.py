@@ -11,3 +11,15 @@ class NotResidualError(BlockpruneError):
 
 class NonFiniteActivationError(BlockpruneError):
     """NaN or Inf appeared in a block's recorded activations."""
+
+
+class SandwichDivergedError(BlockpruneError):
+    """A sandwich stage's loss became NaN or Inf; the stage was rolled back."""
+
+
+class CompressionInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped ``compress`` at a safe point (after a finished stage); the message says how to resume."""
+
+
+class IllConditionedWarning(UserWarning):
+    """A least-squares system had too few tokens or a huge condition number."""

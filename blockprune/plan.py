@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import BlockpruneError
-from .sandwich.stage import StageReport
 
 PLAN_ATTRIBUTE = "_blockprune_plan"
 
@@ -110,3 +110,31 @@ def plan(model: Any) -> Plan:
     if found is None:
         raise BlockpruneError(f"{type(model).__name__} was not compressed by blockprune; it has no plan")
     return found
+
+
+@dataclass
+class StageReport:
+    """What one stage trained and how the span's error changed on the held-out batches."""
+
+    block: str
+    span: list[str]
+    lora_blocks: list[str]
+    trained_surrogates: list[str]
+    steps: int
+    loss_before: float
+    loss_after: float
+    relative_error_before: float
+    relative_error_after: float
+    seconds: float
+    peak_memory_bytes: int | None
+    spilled_items: int = 0
+    train_seconds: float = 0.0
+
+
+@dataclass
+class StageLog:
+    """Every stage's trained components: surrogate weights and LoRA factors, on CPU, for reuse."""
+
+    surrogates: list[dict[str, dict[str, dict[str, torch.Tensor]]]] = field(default_factory=list)
+    lora: list[dict[str, dict[str, dict[str, torch.Tensor]]]] = field(default_factory=list)
+    blocks: list[str] = field(default_factory=list)

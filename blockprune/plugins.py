@@ -19,11 +19,11 @@ DEFAULT_PLUGINS = (
     "blockprune_adapters.dit",
     "blockprune_adapters.ace_step",
     "blockprune_adapters.generic",
-    "blockprune.metrics.output_mse",
-    "blockprune.metrics.block_influence",
-    "blockprune.metrics.fit_residual",
-    "blockprune.metrics.fid",
-    "blockprune.metrics.clip",
+    "blockprune.scoring.metrics.output_mse",
+    "blockprune.scoring.metrics.block_influence",
+    "blockprune.scoring.metrics.fit_residual",
+    "blockprune.scoring.metrics.fid",
+    "blockprune.scoring.metrics.clip",
     "blockprune.toy.metrics",
 )
 

@@ -11,28 +11,27 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .adapter import Block
-from .blocks import set_submodule
-from .errors import BlockpruneError
-from .plan import Plan, ReplacedBlock, StreamReport
-from .ranking import ImportanceTable, score_run
-from .replacement import replace_block
-from .run import Run
-from .sandwich import SandwichOptions, StageLog, StageReport, run_stage
+from .brll.replacement import replace_block
+from .brll.surrogate import LinearSurrogate
+from .config import SandwichConfig
+from .discovery.resolve import set_submodule
+from .discovery.spec import Block
+from .errors import BlockpruneError, CompressionInterrupted
+from .plan import Plan, ReplacedBlock, StageLog, StageReport, StreamReport
+from .runtime.workdir import Workdir
+from .sandwich import train_stage
 from .sandwich.reuse import components_to_tensors, tensors_to_components
-from .surrogate import LinearSurrogate
-from .workdir import Workdir
+from .scoring.selection import ImportanceTable, score_run
+
+if TYPE_CHECKING:
+    from .compress import Run
 
 logger = logging.getLogger("blockprune")
-
-
-class CompressionInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped ``compress`` at a safe point (after a finished stage); the message says how to resume."""
 
 
 class InterruptGuard:
@@ -80,7 +79,7 @@ class Progressive:
     fixed: list[str] | None
     count: int
     importance: Any
-    sandwich: SandwichOptions | None
+    sandwich: SandwichConfig | None
     seed: int
     plan: Plan
     log: StageLog
@@ -173,7 +172,7 @@ class Progressive:
             folder = self.workdir.activations(step) if self.workdir is not None else None
             try:
                 with self._timed("sandwich"):
-                    report, trained, lora = run_stage(model, self.run.adapter, self.run.blocks, self.replaced, name,
+                    report, trained, lora = train_stage(model, self.run.adapter, self.run.blocks, self.replaced, name,
                                                       self.train, self.held, self.originals, self.sandwich,
                                                       self.seed + step, folder, self.keep_activations,
                                                       self.run.offload)

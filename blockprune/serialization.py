@@ -12,14 +12,14 @@ import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
 
-from . import distributed
-from .adapter import BlockSpec
-from .blocks import set_submodule
+from .brll.fusion import fuse as fuse_runs
+from .brll.surrogate import LinearSurrogate
+from .discovery.resolve import set_submodule
+from .discovery.spec import BlockSpec
 from .errors import BlockpruneError
-from .fusion import fuse as fuse_runs
 from .plan import PLAN_ATTRIBUTE, Plan, plan, transformer_of
+from .runtime import distributed
 from .sandwich.reuse import LOG_ATTRIBUTE, STAGES_FILE, load_stage_log, save_stage_log
-from .surrogate import LinearSurrogate
 
 FORMAT_VERSION = 1
 FUSED_FORMAT_VERSION = 2  # written for fused models, whose surrogates may hold maps for only some streams

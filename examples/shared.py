@@ -18,18 +18,15 @@ import blockprune
 from blockprune import plugins
 from blockprune.calibration import (
     bundled_prompts,
-    model_device,
-    output_tensor,
     read_prompts,
     record_pipeline_calibration,
-    to_device,
 )
 from blockprune.cli.sources import DTYPES, check_output_folder
+from blockprune.config import OPTIONS
 from blockprune.errors import BlockpruneError
 from blockprune.plan import transformer_of
-from blockprune.run import OPTIONS
-from blockprune.sandwich import SandwichOptions
-
+from blockprune.runtime.forward import model_device, output_tensor, to_device
+from blockprune.config import SandwichConfig
 
 
 @dataclass
@@ -68,8 +65,8 @@ def parser_for(family: Family) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="write into an output folder that is not empty")
     parser.add_argument("--sandwich", action=argparse.BooleanOptionalAction, default=True,
                         help="sandwich training after each replacement (default on)")
-    parser.add_argument("--sandwich-steps", type=int, default=SandwichOptions().steps,
-                        help=f"optimizer steps per sandwich stage (default {SandwichOptions().steps})")
+    parser.add_argument("--sandwich-steps", type=int, default=SandwichConfig().steps,
+                        help=f"optimizer steps per sandwich stage (default {SandwichConfig().steps})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the grid images (default 0 1)")
     parser.add_argument("--grid-prompts", type=int, default=2, help="prompts in the grid (default 2, from the calibration prompts)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps of the grid images (default 28)")

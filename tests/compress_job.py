@@ -8,21 +8,20 @@ import signal
 import sys
 
 import torch
-
 from conftest import flux_batches, make_flux  # noqa: E402  (sets the test environment)
 
 import blockprune  # noqa: E402
-import blockprune.metrics.output_mse  # noqa: E402
-import blockprune.replacement  # noqa: E402
+import blockprune.brll.replacement  # noqa: E402
+import blockprune.runtime.workdir  # noqa: E402
 import blockprune.sandwich.stage  # noqa: E402
-import blockprune.workdir  # noqa: E402
+import blockprune.scoring.metrics.output_mse  # noqa: E402
 
 POINTS = {
-    "scoring": (blockprune.metrics.output_mse.OutputMSE, "evaluate"),
-    "recording": (blockprune.replacement, "record_block"),
-    "fitting": (blockprune.replacement, "fit_affine"),
+    "scoring": (blockprune.scoring.metrics.output_mse.OutputMSE, "evaluate"),
+    "recording": (blockprune.brll.replacement, "record_block"),
+    "fitting": (blockprune.brll.replacement, "fit_affine"),
     "training": (blockprune.sandwich.stage, "_train"),
-    "writing": (blockprune.workdir.os, "replace"),
+    "writing": (blockprune.runtime.workdir.os, "replace"),
 }
 OPTIONS = {"ratio": 0.5, "sandwich_steps": 8, "sandwich_lr": 1e-3, "progress": False, "cache_dir": False,
            "importance": "output_mse"}  # its evaluations are the "scoring" kill point

@@ -13,7 +13,11 @@ os.environ["BLOCKPRUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="blockprune-test-ca
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import (
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+)
 from torch import nn
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they give

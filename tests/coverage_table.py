@@ -11,7 +11,7 @@ import torch
 from test_coverage import FAMILIES
 
 from blockprune import plugins
-from blockprune.blocks import resolve_blocks
+from blockprune.discovery.resolve import resolve_blocks
 from blockprune.errors import BlockpruneError
 
 HEADER = "| diffusers class (case) | adapter | blocks found | streams per block kind | status |\n|---|---|---|---|---|"

@@ -5,13 +5,12 @@ import sys
 
 import torch
 import torch.distributed as dist
-
 from conftest import flux_batches, make_flux  # noqa: E402  (sets the test environment)
 
 import blockprune  # noqa: E402
-from blockprune import plugins  # noqa: E402
-from blockprune.blocks import resolve_blocks  # noqa: E402
-from blockprune.recording import record_block  # noqa: E402
+from blockprune import plugins
+from blockprune.brll.recording import record_block
+from blockprune.discovery.resolve import resolve_blocks
 
 if __name__ == "__main__":
     out = sys.argv[1]

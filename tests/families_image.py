@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import diffusers
 import torch
-
 from family_cases import Family, batches_of, built, evaluated, randn
 
 TEXT_IMAGE = ("encoder_hidden_states", "hidden_states")

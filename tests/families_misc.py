@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import diffusers
 import torch
-
 from family_cases import Family, batches_of, built, randn
 
 IMAGE_TEXT = ("hidden_states", "encoder_hidden_states")

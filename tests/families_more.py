@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import diffusers
 import torch
-from diffusers.models.embeddings import get_1d_rotary_pos_embed, get_2d_rotary_pos_embed_lumina
-
-from family_cases import Family, batches_of, built, randn
+from diffusers.models.embeddings import (
+    get_1d_rotary_pos_embed,
+    get_2d_rotary_pos_embed_lumina,
+)
 from families_image import flux_layout_batches, latent_text_batches
 from families_video import COGVIDEOX_LIKE, WAN_LIKE, video_text_batches
+from family_cases import Family, batches_of, built, randn
 
 TEXT_IMAGE = ("encoder_hidden_states", "hidden_states")
 IMAGE_TEXT = ("hidden_states", "encoder_hidden_states")

@@ -2,14 +2,24 @@
 
 import pytest
 import torch
-from conftest import (MODELS, SwapNet, TinyResidualNet, dit_batches, flux_batches, make_dit, make_flux,
-                      make_sd3, residual_net_batches, sd3_batches)
+from conftest import (
+    MODELS,
+    SwapNet,
+    TinyResidualNet,
+    dit_batches,
+    flux_batches,
+    make_dit,
+    make_flux,
+    make_sd3,
+    residual_net_batches,
+    sd3_batches,
+)
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import blockprune
 from blockprune import plugins
-from blockprune.blocks import resolve_blocks
+from blockprune.discovery.resolve import resolve_blocks
 from blockprune.errors import BlockpruneError, NotResidualError
 
 

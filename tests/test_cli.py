@@ -107,7 +107,7 @@ def test_compress_with_sandwich_training_in_a_workdir_then_reuse(tmp_path, capsy
 
 def test_every_compress_option_can_be_given_on_the_command_line():
     from blockprune.cli import build_parser
-    from blockprune.run import OPTIONS
+    from blockprune.config import OPTIONS
 
     compress_parser = build_parser()._subparsers._group_actions[0].choices["compress"]
     destinations = {action.dest for action in compress_parser._actions}
@@ -162,7 +162,7 @@ def test_plugins_lists_builtins_with_what_they_register(capsys):
     assert code == 0
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip().startswith("blockprune")}
     assert rows["blockprune_adapters.flux"] == ["built-in", "flux", "-"]
-    assert rows["blockprune.metrics.output_mse"] == ["built-in", "-", "output_mse"]
+    assert rows["blockprune.scoring.metrics.output_mse"] == ["built-in", "-", "output_mse"]
 
 
 # Bad input: one line, exit code 2.

@@ -4,14 +4,20 @@ import logging
 
 import pytest
 import torch
-from conftest import MODELS, TinyResidualNet, flux_batches, make_flux, residual_net_batches
+from conftest import (
+    MODELS,
+    TinyResidualNet,
+    flux_batches,
+    make_flux,
+    residual_net_batches,
+)
 
 import blockprune
 from blockprune import LinearSurrogate, plugins
-from blockprune.blocks import resolve_blocks
-from blockprune.calibration import output_tensor
-from blockprune.fit import fit_affine
-from blockprune.recording import record_block
+from blockprune.brll.fit import fit_affine
+from blockprune.brll.recording import record_block
+from blockprune.discovery.resolve import resolve_blocks
+from blockprune.runtime.forward import output_tensor
 
 
 def _outputs(model, batches):

@@ -20,9 +20,9 @@ from families_video import FAMILIES as VIDEO
 
 import blockprune
 from blockprune import LinearSurrogate, plugins
-from blockprune.blocks import resolve_blocks, set_submodule
-from blockprune.calibration import output_tensor, run_model
+from blockprune.discovery.resolve import resolve_blocks, set_submodule
 from blockprune.errors import BlockpruneError
+from blockprune.runtime.forward import forward_batch, output_tensor
 
 FAMILIES = IMAGE + VIDEO + MORE + MISC
 SUPPORTED = [f for f in FAMILIES if f.failure is None]
@@ -40,7 +40,7 @@ def one_thread():
 
 
 def run(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    return output_tensor(run_model(model, batch, 0))
+    return output_tensor(forward_batch(model, batch, 0))
 
 
 def replace_every_block(model: torch.nn.Module, family, batch: dict) -> list:

@@ -4,14 +4,14 @@ import pytest
 from PIL import Image
 
 from blockprune import plan
-from blockprune.__main__ import main
+from blockprune.cli import main
 from blockprune.errors import BlockpruneError
-from blockprune.demo import flux_batches, run_demo, tiny_flux
 from blockprune.serialization import from_pretrained
+from blockprune.toy.demo import demo, flux_batches, tiny_flux
 
 
 def test_demo_compresses_the_trained_model_and_writes_a_grid(tmp_path, capsys):
-    result = run_demo(ratio=0.1, output=tmp_path / "out", prompts=8)
+    result = demo(ratio=0.1, output=tmp_path / "out", prompts=8)
     out = capsys.readouterr().out
     assert "blockprune plan: 2 of 20 blocks replaced (flux)" in out
     assert "attribute accuracy" in out and "PSNR" in out
@@ -40,4 +40,4 @@ def test_demo_model_shape():
 
 def test_demo_needs_at_least_one_prompt(tmp_path):
     with pytest.raises(BlockpruneError, match="prompts must be a positive integer"):
-        run_demo(output=tmp_path / "none", prompts=0)
+        demo(output=tmp_path / "none", prompts=0)

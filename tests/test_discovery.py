@@ -5,6 +5,8 @@ The diffusers families these patterns come from are in the coverage matrix (test
 
 import pytest
 import torch
+from blockprune_adapters.dit import DiTAdapter
+from blockprune_adapters.flux import FluxAdapter
 from conftest import dit_batches, flux_batches, make_dit, make_flux
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.prior_transformer import PriorTransformerOutput
@@ -13,13 +15,11 @@ from torch.nn.attention.flex_attention import flex_attention
 
 import blockprune
 from blockprune import LinearSurrogate, plugins
-from blockprune.blocks import resolve_blocks
-from blockprune.calibration import output_tensor
+from blockprune.discovery.flops import count_flops
+from blockprune.discovery.resolve import resolve_blocks
+from blockprune.discovery.trace import trace_model
 from blockprune.errors import BlockpruneError
-from blockprune.flops import count_flops
-from blockprune.trace import trace_model
-from blockprune_adapters.dit import DiTAdapter
-from blockprune_adapters.flux import FluxAdapter
+from blockprune.runtime.forward import output_tensor
 
 
 class Residual(nn.Module):

@@ -63,8 +63,8 @@ def test_with_a_pipeline_the_example_draws_the_grid_and_times_generations(tmp_pa
         import shared
     finally:
         sys.path.remove(str(EXAMPLES))
-    from test_pipeline import tiny_dit_pipeline
     from PIL import Image
+    from test_pipeline import tiny_dit_pipeline
 
     def build(args):
         pipe = tiny_dit_pipeline()

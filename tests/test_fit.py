@@ -6,9 +6,9 @@ import torch
 from conftest import flux_batches, make_flux
 
 from blockprune import IllConditionedWarning
-from blockprune.adapter import Block, BlockSpec
-from blockprune.fit import fit_affine
-from blockprune.recording import StreamAccumulator, record_block
+from blockprune.brll.fit import fit_affine
+from blockprune.brll.recording import StreamAccumulator, record_block
+from blockprune.discovery.spec import Block, BlockSpec
 
 
 def test_accumulator_matches_direct_normal_equations():

@@ -6,10 +6,16 @@ from conftest import flux_batches, make_flux
 from torch.utils.flop_counter import FlopCounterMode
 
 import blockprune
-from blockprune.demo import TINY_FLUX_CONFIG
-from blockprune.flops import count_flops
-from blockprune.flux_dev import FLUX_DEV_CONFIG, build_flux, flux_flops, flux_inputs, replace_with_surrogates
+from blockprune.discovery.flops import count_flops
 from blockprune.errors import BlockpruneError
+from blockprune.toy.demo import TINY_FLUX_CONFIG
+from blockprune.toy.flux_dev import (
+    FLUX_DEV_CONFIG,
+    build_flux,
+    flux_flops,
+    flux_inputs,
+    replace_with_surrogates,
+)
 
 
 def _torch_counts(model, batch):

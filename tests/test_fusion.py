@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 
 import blockprune
 from blockprune import LinearSurrogate
-from blockprune.calibration import output_tensor
+from blockprune.brll.fusion import compose_affine
+from blockprune.discovery.flops import count_flops, count_parameters
 from blockprune.errors import BlockpruneError
-from blockprune.flops import count_flops, count_parameters
-from blockprune.fusion import compose_affine
+from blockprune.runtime.forward import output_tensor
 
 # fp32 on CPU: the fused map is composed in float64 and rounded once to float32, the chain rounds after
 # every map, so the outputs (of size ~1) differ by a few float32 ulps; measured ≤ 5e-7.

@@ -63,8 +63,9 @@ def test_clip_scorer_must_return_one_score_per_image():
 
 @pytest.mark.parametrize("adapter, make", [("dit", _pipe), ("flux", None)])
 def test_batched_generation_gives_the_images_of_one_call_per_image(adapter, make):
-    from blockprune import plugins
     from test_toy_pipeline import tiny_toy_pipeline
+
+    from blockprune import plugins
 
     pipe = make() if make else tiny_toy_pipeline("flux")
     generate = plugins.adapters()[adapter].generate

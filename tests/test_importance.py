@@ -3,14 +3,11 @@
 import pytest
 import torch
 from conftest import flux_batches, make_flux
-from torch import nn
 
 import blockprune
-from blockprune import plugins
-from blockprune.calibration import output_tensor
 from blockprune.errors import BlockpruneError
-from blockprune.metrics import Metric, combine_scores, resolve_metrics
-from blockprune.metrics.fid import frechet_distance
+from blockprune.scoring import Metric, combine_scores, resolve_metrics
+from blockprune.scoring.metrics.fid import frechet_distance
 
 
 class Up(Metric):

@@ -6,7 +6,7 @@ from conftest import flux_batches, make_flux
 
 import blockprune
 from blockprune.errors import BlockpruneError
-from blockprune.offload import HostBuffer, Offload
+from blockprune.runtime.offload import HostBuffer, Offload
 
 OPTIONS = {"ratio": 0.5, "sandwich_steps": 5, "sandwich_lr": 1e-3, "progress": False, "cache_dir": False}
 

@@ -1,8 +1,6 @@
 """compress() on a diffusers pipeline: calibration recorded from the pipeline on bundled prompts."""
 
-import pytest
 import torch
-from conftest import make_dit
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
 import blockprune

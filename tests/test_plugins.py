@@ -6,7 +6,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 from conftest import TinyResidualNet, residual_net_batches
 
 import blockprune
@@ -62,7 +61,7 @@ def test_builtins_register_through_the_same_hooks():
     contents = plugins.plugin_contents()
     assert contents["blockprune_adapters.flux"]["adapters"] == ["flux"]
     assert contents["blockprune_adapters.generic"]["adapters"] == ["generic"]
-    assert contents["blockprune.metrics.output_mse"]["metrics"] == ["output_mse"]
+    assert contents["blockprune.scoring.metrics.output_mse"]["metrics"] == ["output_mse"]
 
 
 def test_duplicate_adapter_name_is_refused():

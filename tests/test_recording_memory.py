@@ -7,8 +7,8 @@ SCRIPT = """
 import resource, sys, torch
 from diffusers import FluxTransformer2DModel
 from blockprune import plugins
-from blockprune.blocks import resolve_blocks
-from blockprune.recording import record_block
+from blockprune.discovery.resolve import resolve_blocks
+from blockprune.brll.recording import record_block
 
 count = int(sys.argv[1])
 torch.manual_seed(0)

@@ -8,10 +8,9 @@ from conftest import MODELS, flux_batches, make_flux
 from safetensors.torch import load_file
 
 import blockprune
-from blockprune.calibration import output_tensor
-from blockprune.errors import BlockpruneError
+from blockprune.errors import BlockpruneError, SandwichDivergedError
+from blockprune.runtime.forward import output_tensor
 from blockprune.sandwich import sandwich_span
-from blockprune.sandwich.stage import SandwichDivergedError
 
 NAMES = [f"b{i}" for i in range(8)]
 TRAIN = {"sandwich_steps": 25, "sandwich_lr": 3e-3, "progress": False, "cache_dir": False}

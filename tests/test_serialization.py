@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 
 import blockprune
 from blockprune import LinearSurrogate
-from blockprune.calibration import output_tensor
 from blockprune.errors import BlockpruneError
+from blockprune.runtime.forward import output_tensor
 
 
 def _compressed(name="flux", ratio=0.5):

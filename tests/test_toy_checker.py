@@ -2,7 +2,14 @@
 
 import torch
 
-from blockprune.toy import all_captions, detect, image_features, judge, parse_caption, sample_batch
+from blockprune.toy import (
+    all_captions,
+    detect,
+    image_features,
+    judge,
+    parse_caption,
+    sample_batch,
+)
 from blockprune.toy.captions import COLOURS, KINDS
 from blockprune.toy.checker import FEATURES
 from blockprune.toy.dataset import render

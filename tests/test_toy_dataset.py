@@ -4,9 +4,15 @@ import pytest
 import torch
 
 from blockprune.errors import BlockpruneError
-from blockprune.toy import ShapesDataset, all_captions, sample_batch, split_ids, vocabulary
+from blockprune.toy import (
+    ShapesDataset,
+    all_captions,
+    sample_batch,
+    split_ids,
+    vocabulary,
+)
 from blockprune.toy.captions import caption_tokens, parse_caption, tokenize, words
-from blockprune.toy.checker import relation_holds, Shape
+from blockprune.toy.checker import Shape, relation_holds
 from blockprune.toy.dataset import IMAGE_SIZE, shape_masks
 
 

@@ -1,4 +1,4 @@
-"""ToyPipeline: sampling, the adapters' generate/run_pipeline, compress without calibration, save/load, registry."""
+"""ToyPipeline: sampling, the adapters' generate/call_pipeline, compress without calibration, save/load, registry."""
 
 import pytest
 import torch
@@ -6,9 +6,16 @@ import torch
 import blockprune
 from blockprune import plugins
 from blockprune.errors import BlockpruneError
-from blockprune.small_models import toy_small_models
-from blockprune.toy import ToyConfig, ToyPipeline, calibration_batches, evaluate, evaluation_prompts, generate
+from blockprune.toy import (
+    ToyConfig,
+    ToyPipeline,
+    calibration_batches,
+    evaluate,
+    evaluation_prompts,
+    generate,
+)
 from blockprune.toy.pipeline import weight_files
+from blockprune.toy.small_models import toy_small_models
 
 BLOCKS = {"flux": (2, 2), "sd3": (3,)}
 

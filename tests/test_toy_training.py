@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 from conftest import benchmark_script
+from test_toy_pipeline import tiny_toy_pipeline
 
 from blockprune.errors import BlockpruneError
 from blockprune.toy import ToyPipeline
 from blockprune.toy.training import TrainingSettings, train
-from test_toy_pipeline import tiny_toy_pipeline
 
 
 def _script():

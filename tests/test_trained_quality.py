@@ -5,7 +5,14 @@ import copy
 import pytest
 
 import blockprune
-from blockprune.toy import ToyPipeline, attribute_accuracy, calibration_batches, evaluation_prompts, generate, teacher_fidelity
+from blockprune.toy import (
+    ToyPipeline,
+    attribute_accuracy,
+    calibration_batches,
+    evaluation_prompts,
+    generate,
+    teacher_fidelity,
+)
 
 STEPS = 8  # sampling steps; the ranking of the methods does not need the full 20
 PROMPTS = evaluation_prompts(16, seed=1)

@@ -9,9 +9,9 @@ import torch
 from conftest import flux_batches, make_flux
 from diffusers import FluxTransformer2DModel
 
-from blockprune.calibration import output_tensor
+from blockprune.discovery.flops import count_flops, count_parameters
 from blockprune.errors import BlockpruneError
-from blockprune.flops import count_flops, count_parameters
+from blockprune.runtime.forward import output_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from width_pruning import finetune, keep_for_flops, l1_prune  # noqa: E402

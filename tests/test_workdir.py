@@ -13,8 +13,7 @@ from conftest import flux_batches, make_flux
 
 import blockprune
 import blockprune.sandwich.stage
-from blockprune.errors import BlockpruneError
-from blockprune.progressive import CompressionInterrupted
+from blockprune.errors import BlockpruneError, CompressionInterrupted
 
 HERE = Path(__file__).parent
 OPTIONS = {"ratio": 0.5, "sandwich_steps": 8, "sandwich_lr": 1e-3, "progress": False, "cache_dir": False}

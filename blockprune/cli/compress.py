@@ -7,9 +7,9 @@ import time
 from dataclasses import fields
 
 from ..compress import ORDERS, compress
+from ..config import TARGETS, SandwichConfig, option_names
 from ..plan import plan
 from ..report import output_console, print_plan
-from ..sandwich.options import TARGETS, SandwichOptions, option_names
 from ..serialization import save_pretrained
 from .options import (
     add_calibration_arguments,
@@ -40,13 +40,13 @@ SANDWICH_HELP = {
 
 
 def add_sandwich_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--sandwich/--no-sandwich`` and one option per :class:`SandwichOptions` field, named as in ``compress``."""
+    """``--sandwich/--no-sandwich`` and one option per :class:`SandwichConfig` field, named as in ``compress``."""
     group = parser.add_argument_group("sandwich training", "after each replacement, train its span (LoRA on the "
                                       "neighbours, the linear layers in full); merged, so inference costs nothing extra")
     group.add_argument("--sandwich", action=argparse.BooleanOptionalAction, default=None,
                        help="sandwich training after each replacement (default: compress()'s, on)")
-    defaults = SandwichOptions()
-    for field, name in zip(fields(SandwichOptions), option_names()):
+    defaults = SandwichConfig()
+    for field, name in zip(fields(SandwichConfig), option_names()):
         default = getattr(defaults, field.name)
         flag = "--" + name.replace("_", "-")
         text = SANDWICH_HELP[field.name] + ("" if default is None or isinstance(default, bool) else f" (default {default})")

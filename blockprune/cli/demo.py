@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..small_models import TOY_MODELS
+from ..toy.small_models import TOY_MODELS
 from .sources import check_output_folder
 
 
@@ -27,8 +27,8 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo."""
-    from ..demo import run_demo
+    from ..toy.demo import demo
 
     check_output_folder(args.output, args.overwrite)
-    run_demo(ratio=args.ratio, output=args.output, seed=args.seed, model=args.model, prompts=args.prompts)
+    demo(ratio=args.ratio, output=args.output, seed=args.seed, model=args.model, prompts=args.prompts)
     return 0

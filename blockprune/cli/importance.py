@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..ranking import importance
+from ..compress import importance
 from ..report import output_console
 from .options import (
     add_calibration_arguments,

@@ -9,11 +9,12 @@ from rich.table import Table
 
 from .. import plugins
 from ..calibration import bundled_prompts, record_pipeline_calibration
-from ..flops import count_flops, count_parameters
-from ..inspection import BlockInfo, inspect
+from ..config import OPTIONS
+from ..discovery.flops import count_flops, count_parameters
+from ..discovery.inspection import BlockInfo, inspect
 from ..plan import PLAN_ATTRIBUTE, plan, transformer_of
-from ..report import _count as format_count, output_console, plan_table  # the plan table's k/M/G/T counts
-from ..run import OPTIONS
+from ..report import _count as format_count
+from ..report import output_console, plan_table
 from .options import add_calibration_arguments, add_model_arguments, load_model
 
 

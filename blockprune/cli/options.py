@@ -9,10 +9,17 @@ from typing import Any
 from torch import nn
 
 from ..calibration import read_prompts
+from ..config import OPTIONS
 from ..errors import BlockpruneError
-from ..run import OPTIONS
-from ..small_models import SMALL_MODELS
-from .sources import DTYPES, ModelSource, check_adapter_name, is_pipeline, load_calibration_file, model_source
+from ..toy.small_models import SMALL_MODELS
+from .sources import (
+    DTYPES,
+    ModelSource,
+    check_adapter_name,
+    is_pipeline,
+    load_calibration_file,
+    model_source,
+)
 
 CALIBRATION_BATCHES = 16  # batches a small model's calibration builder makes by default
 
@@ -92,7 +99,7 @@ def parse_importance(text: str) -> str | list[str] | dict[str, float]:
 
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``blockprune.run.OPTIONS`` given on the command line (each argument's dest is the option's name;
+    """The ``blockprune.compress.OPTIONS`` given on the command line (each argument's dest is the option's name;
     options not given keep their defaults)."""
     options = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
     if getattr(args, "no_cache", False):

@@ -14,7 +14,7 @@ from torch import nn
 from .. import plugins
 from ..errors import BlockpruneError
 from ..serialization import MANIFEST
-from ..small_models import SMALL_MODELS, SmallModel
+from ..toy.small_models import SMALL_MODELS, SmallModel
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapter import Block, bind_inputs
-from ..calibration import StopForward, run_model
-from ..hooks import attached
-from ..recording import stream_pairs
+from ..brll.recording import stream_pairs
+from ..discovery.signature import bind_inputs
+from ..discovery.spec import Block
+from ..runtime.forward import StopForward, forward_batch
+from ..runtime.hooks import attached
 
 
 @dataclass
@@ -124,7 +125,7 @@ def record_span_inputs(
 
     with attached(model, {block.name: make_hook(i) for i, block in enumerate(span)}, pre=True):
         for index, batch in enumerate(batches):
-            run_model(model, batch, index)
+            forward_batch(model, batch, index)
             store.append(SpanSample(current["inputs"], current["contexts"]))
     return store
 
@@ -141,5 +142,5 @@ def record_block_outputs(
 
     with attached(model, {block.name: hook}):
         for index, batch in enumerate(batches):
-            run_model(model, batch, index)
+            forward_batch(model, batch, index)
     return store

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..adapter import Block
-from ..blocks import set_submodule
+from ..brll.surrogate import LinearSurrogate
+from ..discovery.resolve import set_submodule
+from ..discovery.spec import Block
 from ..errors import BlockpruneError
-from ..surrogate import LinearSurrogate
-from .stage import StageLog
+from ..plan import StageLog
 
 STAGES_FILE = "stages.safetensors"
 LOG_ATTRIBUTE = "_blockprune_stage_log"

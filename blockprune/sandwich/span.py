@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-WIDTHS = (1, 3, 5)
+from ..config import WIDTHS
 
 
 def _edge(names: list[str], replaced: set[str], index: int, neighbours: int, step: int) -> int:

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import inspect
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,48 +16,25 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from .. import distributed
-from ..adapter import Adapter, Block, forward_signature
-from ..blocks import set_submodule
-from ..errors import BlockpruneError
-from ..recording import stream_pairs
-from .data import ActivationStore, SpanSample, moved, record_block_outputs, record_span_inputs
-from .options import SandwichOptions
+from ..adapter import Adapter
+from ..brll.recording import stream_pairs
+from ..config import SandwichConfig
+from ..discovery.resolve import set_submodule
+from ..discovery.signature import forward_signature
+from ..discovery.spec import Block
+from ..errors import SandwichDivergedError
+from ..plan import StageReport
+from ..runtime import distributed
+from .data import (
+    ActivationStore,
+    SpanSample,
+    moved,
+    record_block_outputs,
+    record_span_inputs,
+)
 from .span import sandwich_span
 
 ADAPTER_NAME = "blockprune_sandwich"
-
-
-class SandwichDivergedError(BlockpruneError):
-    """A sandwich stage's loss became NaN or Inf; the stage was rolled back."""
-
-
-@dataclass
-class StageReport:
-    """What one stage trained and how the span's error changed on the held-out batches."""
-
-    block: str
-    span: list[str]
-    lora_blocks: list[str]
-    trained_surrogates: list[str]
-    steps: int
-    loss_before: float
-    loss_after: float
-    relative_error_before: float
-    relative_error_after: float
-    seconds: float
-    peak_memory_bytes: int | None
-    spilled_items: int = 0
-    train_seconds: float = 0.0
-
-
-@dataclass
-class StageLog:
-    """Every stage's trained components: surrogate weights and LoRA factors, on CPU, for reuse."""
-
-    surrogates: list[dict[str, dict[str, dict[str, torch.Tensor]]]] = field(default_factory=list)
-    lora: list[dict[str, dict[str, dict[str, torch.Tensor]]]] = field(default_factory=list)
-    blocks: list[str] = field(default_factory=list)
 
 
 def _call(module: nn.Module, arguments: dict[str, Any], use_checkpoint: bool) -> Any:
@@ -70,7 +46,7 @@ def _call(module: nn.Module, arguments: dict[str, Any], use_checkpoint: bool) ->
     return module(**arguments)
 
 
-def run_span(modules: list[nn.Module], span: list[Block], sample: SpanSample, use_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+def span_forward(modules: list[nn.Module], span: list[Block], sample: SpanSample, use_checkpoint: bool = False) -> dict[str, torch.Tensor]:
     """Run the span's modules in order on a recorded sample; the last block's output streams."""
     state: dict[str, torch.Tensor] = {}
     for position, (module, block) in enumerate(zip(modules, span)):
@@ -106,7 +82,7 @@ def _evaluate(modules, span, inputs: ActivationStore, targets: ActivationStore, 
     sums = torch.zeros(3, dtype=torch.float64)
     with torch.no_grad(), _autocast(device):
         for index in range(len(inputs)):
-            outputs = run_span(modules, span, moved(inputs[index], device))
+            outputs = span_forward(modules, span, moved(inputs[index], device))
             s, r, c = _errors(outputs, moved(targets[index], device))
             sums += torch.tensor([float(s), float(r), c], dtype=torch.float64)
     distributed.all_reduce_sum([sums])
@@ -125,7 +101,7 @@ def _lora_factors(block: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     return factors
 
 
-def run_stage(
+def train_stage(
     model: nn.Module,
     adapter: Adapter,
     blocks: list[Block],
@@ -134,7 +110,7 @@ def run_stage(
     train_batches: list[dict[str, Any]],
     held_batches: list[dict[str, Any]],
     originals: dict[str, nn.Module],
-    options: SandwichOptions,
+    options: SandwichConfig,
     seed: int = 0,
     spill_folder: Path | None = None,
     keep_spilled: bool = False,
@@ -146,18 +122,18 @@ def run_stage(
     ones it changes. Activations past the budget spill to ``spill_folder`` (default: a temporary folder);
     LoRA initialisation and batch order draw only on ``seed``. Returns the report, the trained surrogate weights and the LoRA factors. On a NaN or
     Inf loss the span's weights from before the stage are restored and :class:`SandwichDivergedError` names
-    the block. With ``offload`` (an :class:`blockprune.offload.Offload`) only the span stays on the accelerator.
+    the block. With ``offload`` (an :class:`blockprune.runtime.offload.Offload`) only the span stays on the accelerator.
     """
     if offload is None:
-        return _run_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals,
+        return _train_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals,
                           options, seed, spill_folder, keep_spilled)
     names = [b.name for b in blocks]
     with offload.pinned(sandwich_span(names, replaced, names.index(new_block), options.width)):
-        return _run_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals,
+        return _train_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals,
                           options, seed, spill_folder, keep_spilled)
 
 
-def _run_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals, options, seed,
+def _train_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals, options, seed,
                spill_folder, keep_spilled):
     started = time.perf_counter()
     names = [b.name for b in blocks]
@@ -255,7 +231,7 @@ def _targets(model, span, span_names, originals, train_batches, held_batches, tr
         store = ActivationStore(options.activation_budget, spill_folder)
         with torch.no_grad(), _autocast(device):
             for index in range(len(inputs)):
-                store.append(run_span(unpruned, span, moved(inputs[index], device)))
+                store.append(span_forward(unpruned, span, moved(inputs[index], device)))
         results.append(store)
     return tuple(results)
 
@@ -281,7 +257,7 @@ def _train(modules, span, inputs, targets, total, trainable, options, device, se
             if index % world != rank:
                 continue
             with torch.enable_grad(), _autocast(device), _training_attention(device):
-                outputs = run_span(modules, span, moved(inputs[index // world], device), options.gradient_checkpointing)
+                outputs = span_forward(modules, span, moved(inputs[index // world], device), options.gradient_checkpointing)
                 squared, _, count = _errors(outputs, moved(targets[index // world], device))
                 loss = squared / count
             if not torch.isfinite(loss):

@@ -13,7 +13,15 @@ from functools import lru_cache
 import torch
 
 from ..errors import BlockpruneError
-from .captions import LAYOUTS, MAX_SHAPES, RELATIONS, all_captions, attribute_table, caption_tokens, split_ids
+from .captions import (
+    LAYOUTS,
+    MAX_SHAPES,
+    RELATIONS,
+    all_captions,
+    attribute_table,
+    caption_tokens,
+    split_ids,
+)
 
 IMAGE_SIZE = 32
 BACKGROUND = (0.95, 0.95, 0.95)

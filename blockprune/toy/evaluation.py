@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BlockpruneError
-from ..metrics.fid import feature_statistics, frechet_distance
+from ..scoring.metrics.fid import feature_statistics, frechet_distance
 from .captions import all_captions, parse_caption, require_caption_id
 from .checker import detect, image_features, judge
 from .dataset import batch_for_captions, sample_caption_ids

@@ -12,12 +12,16 @@ from typing import Any
 
 import torch
 
-from ..adapter import Block
+from ..discovery.spec import Block
 from ..errors import BlockpruneError
 from ..hookspecs import hookimpl
-from ..metrics.base import Metric, ScoringContext
-from ..metrics.fid import feature_statistics, frechet_distance
-from ..metrics.generation import generated_images, generation_settings, prompts_per_image
+from ..scoring.base import Metric, ScoringContext
+from ..scoring.metrics.fid import feature_statistics, frechet_distance
+from ..scoring.metrics.generation import (
+    generated_images,
+    generation_settings,
+    prompts_per_image,
+)
 from .captions import caption_id
 from .evaluation import CheckerFeatures, attribute_accuracy, dataset_images, psnr
 

@@ -1,7 +1,7 @@
 """``ToyPipeline``: text → image with a toy model, an Euler sampler for rectified flow, saving and loading.
 
 It is called like a diffusers text-to-image pipeline (``prompt``, ``num_inference_steps``,
-``generator``, ``output_type``), so the FLUX and SD3 adapters' ``generate()`` and ``run_pipeline()``
+``generator``, ``output_type``), so the FLUX and SD3 adapters' ``generate()`` and ``call_pipeline()``
 work on it, and ``blockprune.compress(pipe)`` can record calibration through it.
 """
 
@@ -19,7 +19,14 @@ from torch import nn
 from ..errors import BlockpruneError
 from ..plan import PLAN_ATTRIBUTE
 from .dataset import sample_batch
-from .models import ToyConfig, ToyTextEncoder, build_text_encoder, build_transformer, transformer_inputs, velocity
+from .models import (
+    ToyConfig,
+    ToyTextEncoder,
+    build_text_encoder,
+    build_transformer,
+    transformer_inputs,
+    velocity,
+)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 OUTPUT_TYPES = ("pt", "latent")

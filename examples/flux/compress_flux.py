@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared import Family, Setup, parser_for, run_example  # noqa: E402
 
-from blockprune.small_models import DEFAULT_SMALL_MODEL, small_model  # noqa: E402
+from blockprune.toy.small_models import DEFAULT_SMALL_MODEL, small_model
 
 
 def build_tiny(args: argparse.Namespace) -> Setup:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the example."""
     parser = parser_for(FLUX)
     parser.add_argument("--model", default=DEFAULT_SMALL_MODEL,
-                        help=f"small model for --tiny, from blockprune.small_models (default {DEFAULT_SMALL_MODEL})")
+                        help=f"small model for --tiny, from blockprune.toy.small_models (default {DEFAULT_SMALL_MODEL})")
     return run_example(FLUX, parser, argv)
 
 

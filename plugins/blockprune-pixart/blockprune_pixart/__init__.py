@@ -22,7 +22,7 @@ class PixArtAdapter(Adapter):
     The model's forward reads nothing from inside its blocks (its final modulation uses its own
     ``scale_shift_table``), so a surrogate keeps no submodules. It hands ``hidden_states`` from one block
     to the next unchanged, so runs of replaced blocks may be fused. PixArt pipelines take ``prompt=`` and
-    ``output_type=``, so the default :meth:`Adapter.run_pipeline` and :meth:`Adapter.generate` apply, and
+    ``output_type=``, so the default :meth:`Adapter.call_pipeline` and :meth:`Adapter.generate` apply, and
     sandwich training puts LoRA on the default :meth:`Adapter.lora_targets` (the attention and
     feed-forward projections).
     """

@@ -9,12 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from importlib.metadata import entry_points  # noqa: E402
 
 import torch  # noqa: E402
+from blockprune_pixart import PixArtAdapter  # noqa: E402
 from diffusers import PixArtTransformer2DModel  # noqa: E402
 
 import blockprune  # noqa: E402
-from blockprune import plugins  # noqa: E402
-from blockprune.cli import main  # noqa: E402
-from blockprune_pixart import PixArtAdapter  # noqa: E402
+from blockprune import plugins
+from blockprune.cli import main
 
 CAPTION_TOKENS = 6
 

@@ -1,0 +1,108 @@
+"""Streaming normal-equation accumulators, fed by forward hooks on a block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..discovery.signature import bind_inputs
+from ..discovery.spec import Block
+from ..errors import NonFiniteActivationError
+from ..runtime import distributed
+from ..runtime.forward import StopForward, forward_batch, model_device
+from ..runtime.hooks import attached
+
+
+class StreamAccumulator:
+    """Running sums for the least-squares fit of one stream: ``ZᵀZ`` and ``ZᵀR`` with ``Z = [X, 1]``, ``R = Y − X``.
+
+    Memory is O(d²) whatever the number of tokens or batches; sums are kept in float64.
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        kwargs = {"dtype": torch.float64, "device": device}
+        self.dim = dim
+        self.xtx = torch.zeros(dim, dim, **kwargs)
+        self.xtr = torch.zeros(dim, dim, **kwargs)
+        self.x_sum = torch.zeros(dim, **kwargs)
+        self.r_sum = torch.zeros(dim, **kwargs)
+        self.r_squared = torch.zeros((), **kwargs)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add the tokens of one batch: ``x`` the block's input stream, ``y`` its output stream."""
+        device = self.xtx.device
+        x = x.detach().reshape(-1, self.dim).to(device=device, dtype=torch.float64)
+        r = y.detach().reshape(-1, self.dim).to(device=device, dtype=torch.float64) - x
+        self.xtx.addmm_(x.T, x)
+        self.xtr.addmm_(x.T, r)
+        self.x_sum += x.sum(0)
+        self.r_sum += r.sum(0)
+        self.r_squared += (r * r).sum()
+        self.tokens += x.shape[0]
+
+    def reduce_over_ranks(self) -> None:
+        """Sum the accumulators of every rank of a distributed launch into each of them."""
+        if distributed.active():
+            tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.xtx.device)
+            distributed.all_reduce_sum([self.xtx, self.xtr, self.x_sum, self.r_sum, self.r_squared, tokens])
+            self.tokens = int(tokens.item())
+
+    def normal_equations(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(ZᵀZ, ZᵀR, ‖R‖²)`` with the bias column last."""
+        n = torch.tensor([[float(self.tokens)]], dtype=torch.float64, device=self.xtx.device)
+        ztz = torch.cat([torch.cat([self.xtx, self.x_sum[:, None]], 1), torch.cat([self.x_sum[None], n], 1)], 0)
+        ztr = torch.cat([self.xtr, self.r_sum[None]], 0)
+        return ztz, ztr, float(self.r_squared)
+
+
+def stream_pairs(block: Block, bound: dict[str, Any], output: Any):
+    """``(stream, input, output)`` for each stream of ``block`` in one call."""
+    if isinstance(block.spec.outputs, str):
+        yield block.spec.outputs, bound[block.spec.outputs], output
+        return
+    for position, stream in enumerate(block.spec.outputs):
+        if stream is not None:
+            yield stream, bound[stream], output[position]
+
+
+def record_block(
+    model: nn.Module,
+    block: Block,
+    batches: list[dict[str, Any]],
+    device: torch.device | str | None = None,
+    stop_early: bool = True,
+) -> dict[str, StreamAccumulator]:
+    """Run ``batches`` through ``model`` and accumulate the normal equations of every stream of ``block``.
+
+    Under a distributed launch each rank records its share of the batches and the sums are all-reduced.
+
+    Accumulators live on ``device`` (default: the model's device, where its first parameter is). With ``stop_early`` the forward stops
+    right after the block, since nothing downstream is needed.
+    """
+    module = model.get_submodule(block.name)
+    if device is None:
+        device = model_device(model)
+    accumulators = {s: StreamAccumulator(d, device) for s, d in block.stream_dims.items()}
+    current = {"batch": 0}
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        for stream, x, y in stream_pairs(block, bind_inputs(mod, args, kwargs), output):
+            if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+                raise NonFiniteActivationError(
+                    f"NaN or Inf in stream {stream!r} of block {block.name} (calibration batch {current['batch']}); "
+                    f"check the calibration inputs and the model's dtype (float16 overflows easily: try bfloat16)"
+                )
+            accumulators[stream].update(x, y)
+        if stop_early:
+            raise StopForward
+
+    with attached(model, {block.name: hook}):
+        for index, batch in distributed.shard(list(enumerate(batches))):
+            current["batch"] = index
+            forward_batch(model, batch, index)
+    for accumulator in accumulators.values():
+        accumulator.reduce_over_ranks()
+    return accumulators

@@ -1,0 +1,99 @@
+"""Calling a model on one calibration batch: device moves, early stops, the output tensor."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from ..errors import BlockpruneError
+
+
+class StopForward(Exception):
+    """Raised by a recording hook once it has what it needs, to skip the rest of the forward."""
+
+
+def check_batch_keys(model: nn.Module, batch: Mapping[str, Any], index: int) -> None:
+    """Name any key the model's forward does not accept, and any required argument missing."""
+    parameters = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if not takes_any:
+        unknown = sorted(set(batch) - set(parameters))
+        if unknown:
+            raise BlockpruneError(
+                f"calibration batch {index} has key {unknown[0]!r}, which {type(model).__name__}.forward does not "
+                f"accept; accepted keys: {', '.join(parameters)}"
+            )
+    missing = [
+        name
+        for name, p in parameters.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and name not in batch
+    ]
+    if missing:
+        raise BlockpruneError(
+            f"calibration batch {index} lacks {missing[0]!r}, which {type(model).__name__}.forward requires"
+        )
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Move every tensor inside ``value`` (dicts, lists and tuples included) to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def forward_batch(model: nn.Module, batch: Mapping[str, Any], index: int) -> Any:
+    """Run the model on one calibration batch, stopping quietly where a hook raises :class:`StopForward`.
+
+    Returns the model's output, or ``None`` when a hook stopped the forward early.
+    """
+    check_batch_keys(model, batch, index)
+    batch = to_device(batch, model_device(model))
+    try:
+        with torch.no_grad():
+            return model(**batch)
+    except StopForward:
+        return None
+    except BlockpruneError:
+        raise
+    except Exception as error:
+        raise BlockpruneError(
+            f"{type(model).__name__}.forward rejected calibration batch {index} "
+            f"(keys: {', '.join(batch)}): {type(error).__name__}: {error}"
+        ) from error
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The main tensor of a model's output: ``.sample`` (else the first field) of a diffusers output, or the first item.
+
+    A list of per-sample tensors (Z-Image returns one per image) is flattened into one tensor.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, BaseOutput):
+        sample = output.sample if "sample" in output else output.to_tuple()[0]
+        if isinstance(sample, list) and sample and all(isinstance(item, torch.Tensor) for item in sample):
+            return torch.cat([item.flatten() for item in sample])
+        return sample
+    if hasattr(output, "sample"):
+        return output.sample
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise BlockpruneError(f"cannot find the output tensor in a {type(output).__name__} returned by the model")

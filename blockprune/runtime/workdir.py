@@ -1,0 +1,135 @@
+"""A work directory for long runs: finished work written atomically under a checksummed manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+
+from ..errors import BlockpruneError
+from .atomic import write_atomically
+
+logger = logging.getLogger("blockprune")
+
+MANIFEST = "manifest.json"
+VERSION = 1
+
+
+def _index(name: str) -> int:
+    return int(name.split("-")[1].split(".")[0])
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Workdir:
+    """Importance scores and finished stages of one ``compress`` call, resumable after an interruption.
+
+    ``key`` holds everything the result depends on; a workdir made by a call with another key is refused.
+    A file counts only once the manifest lists it with its checksum; the manifest is written last. Only a
+    ``writer`` (rank 0 of a distributed launch) writes; the other ranks read what it wrote.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: dict[str, Any], writer: bool = True) -> None:
+        self.path = Path(path)
+        self.writer = writer
+        self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
+        self.path.mkdir(parents=True, exist_ok=True)
+        manifest = self.path / MANIFEST
+        if manifest.is_file():
+            self.manifest = json.loads(manifest.read_text())
+            if self.manifest.get("key") != self.key:
+                old = self.manifest.get("key", {})
+                differing = sorted(k for k in set(old) | set(self.key) if old.get(k) != self.key.get(k))
+                raise BlockpruneError(
+                    f"workdir {self.path} belongs to another compress call (differs in: {', '.join(differing)}); "
+                    f"use a new workdir, or delete this one to start over"
+                )
+        else:
+            if any(self.path.iterdir()):
+                raise BlockpruneError(f"workdir {self.path} is not empty and has no {MANIFEST}; choose an empty folder")
+            self.manifest = {"version": VERSION, "key": self.key, "files": {}}
+            self._commit()
+
+    def _commit(self) -> None:
+        if self.writer:
+            write_atomically(self.path / MANIFEST, json.dumps(self.manifest, indent=2).encode())
+
+    def _write(self, name: str, data: bytes) -> None:
+        if not self.writer:
+            return
+        write_atomically(self.path / name, data)
+        self.manifest["files"][name] = _digest(self.path / name)
+        self._commit()
+
+    def _valid(self, name: str) -> bool:
+        expected = self.manifest["files"].get(name)
+        if expected is None:
+            return False
+        path = self.path / name
+        if path.is_file() and _digest(path) == expected:
+            return True
+        logger.warning("workdir: %s is missing or damaged (checksum mismatch); it will be recomputed", path)
+        self._forget_from(name)
+        return False
+
+    def _forget_from(self, name: str) -> None:
+        """Unregister ``name`` and, as later stages depend on it, every stage and score file from its index on."""
+        files = self.manifest["files"]
+        files.pop(name, None)
+        if name.startswith(("stage-", "scores-")):
+            first = _index(name)
+            for other in [f for f in files if f.startswith(("stage-", "scores-")) and _index(f) >= first]:
+                del files[other]
+        self._commit()
+
+    def read_json(self, name: str) -> Any | None:
+        """A JSON file of the workdir, or ``None`` if it was not finished or is damaged."""
+        return json.loads((self.path / name).read_text()) if self._valid(name) else None
+
+    def write_json(self, name: str, value: Any) -> None:
+        """Write and register a JSON file."""
+        self._write(name, json.dumps(value, indent=2, default=str).encode())
+
+    def save_stage(self, index: int, record: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Register stage ``index``: its tensors first, its record (which names them) last."""
+        weights = f"stage-{index:03d}.safetensors"
+        self._write(weights, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+        self.write_json(f"stage-{index:03d}.json", record)
+
+    def load_stage(self, index: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """Stage ``index`` as saved, or ``None`` if it is not finished or any of its files is damaged."""
+        weights = f"stage-{index:03d}.safetensors"
+        if not self._valid(weights):
+            return None
+        record = self.read_json(f"stage-{index:03d}.json")
+        if record is None:
+            return None
+        return record, load_file(self.path / weights)
+
+    def activations(self, index: int) -> Path:
+        """The folder for stage ``index``'s spilled activation shards."""
+        folder = self.path / "activations" / f"stage-{index:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def drop_activations(self, index: int) -> None:
+        """Delete stage ``index``'s activation shards."""
+        if self.writer:
+            shutil.rmtree(self.path / "activations" / f"stage-{index:03d}", ignore_errors=True)
+
+    def disk_usage(self) -> int:
+        """Bytes used by the workdir."""
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())

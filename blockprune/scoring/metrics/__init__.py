@@ -1,0 +1,1 @@
+"""The built-in importance metrics, each registered through the same hook as a plugin's."""
