@@ -7,8 +7,7 @@ import logging
 
 from torch import nn
 
-from blockprune import Adapter, BlockSpec, hookimpl
-from blockprune.discovery.trace import CallRecord, Trace
+from blockprune import Adapter, BlockSpec, CallRecord, Trace, hookimpl
 from blockprune.errors import BlockpruneError
 
 logger = logging.getLogger("blockprune")

@@ -39,7 +39,7 @@ import torch
 import blockprune
 from blockprune.discovery.flops import count_flops
 from blockprune.errors import IllConditionedWarning
-from blockprune.report import _count as format_count
+from blockprune.report import format_count
 from blockprune.runtime.forward import forward_batch, to_device
 from blockprune.runtime.hooks import attached
 from blockprune.toy.demo import TINY_FLUX_CONFIG

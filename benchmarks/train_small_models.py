@@ -40,7 +40,7 @@ from blockprune.toy.pipeline import WEIGHTS_DIR, ToyPipeline
 from blockprune.toy.training import TrainingSettings, load_ema, train
 
 MAX_FILE_BYTES = 16_000_000
-FAMILY = {"flux-small": "flux", "sd3-small": "sd3"}
+FAMILY = {"flux-small": "flux", "sd3-small": "sd3", "flux-deep": "flux"}
 VALIDATION_SEED, TEST_SEED = 10_000, 20_000  # noise seeds for weight/guidance selection and for the reported figures
 
 
@@ -49,12 +49,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=sorted(FAMILY), default=["flux-small", "sd3-small"])
     parser.add_argument("--minutes-flux", type=float, default=6.0, help="training budget of flux-small (default 6)")
     parser.add_argument("--minutes-sd3", type=float, default=6.0, help="training budget of sd3-small (default 6)")
+    parser.add_argument("--minutes-deep", type=float, default=8.0, help="training budget of flux-deep (default 8)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps as well")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     parser.add_argument("--warmup-steps", type=int, default=200)
     parser.add_argument("--flux-width", type=int, default=128)
     parser.add_argument("--flux-blocks", type=int, nargs=2, default=[6, 14], metavar=("DOUBLE", "SINGLE"))
+    parser.add_argument("--deep-width", type=int, default=64, help="flux-deep: FLUX.1-dev's depth, a narrow width")
+    parser.add_argument("--deep-blocks", type=int, nargs=2, default=[19, 38], metavar=("DOUBLE", "SINGLE"))
     parser.add_argument("--sd3-width", type=int, default=128)
     parser.add_argument("--sd3-blocks", type=int, default=8)
     parser.add_argument("--heads", type=int, default=4)
@@ -78,6 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batch_size, args.lr, args.warmup_steps = 16, 3e-3, 5
         args.flux_width = args.sd3_width = args.text_width = 16
         args.heads, args.text_layers, args.flux_blocks, args.sd3_blocks = 2, 1, [2, 2], 2
+        args.deep_width, args.deep_blocks = 16, [3, 4]
         args.eval_images, args.eval_steps, args.guidance_scales = 8, 2, [1.0, 2.0]
     elif args.output is None:
         args.output = WEIGHTS_DIR
@@ -86,11 +90,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def model_config(name: str, args: argparse.Namespace) -> ToyConfig:
     family = FAMILY[name]
+    width, blocks = {"flux-small": (args.flux_width, tuple(args.flux_blocks)),
+                     "flux-deep": (args.deep_width, tuple(args.deep_blocks)),
+                     "sd3-small": (args.sd3_width, (args.sd3_blocks,))}[name]
     return ToyConfig(
         family=family,
-        width=args.flux_width if family == "flux" else args.sd3_width,
+        width=width,
         heads=args.heads,
-        blocks=tuple(args.flux_blocks) if family == "flux" else (args.sd3_blocks,),
+        blocks=blocks,
         patch_size=args.patch_size,
         text_width=args.text_width,
         text_layers=args.text_layers,
@@ -145,7 +152,7 @@ def train_one(name: str, args: argparse.Namespace) -> dict:
         for module in pipe.transformer.modules():
             if type(module).__name__ in ("FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock"):
                 module.compile()
-    minutes = args.minutes_flux if config.family == "flux" else args.minutes_sd3
+    minutes = {"flux-small": args.minutes_flux, "flux-deep": args.minutes_deep, "sd3-small": args.minutes_sd3}[name]
     settings = TrainingSettings(minutes=minutes, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.lr,
                                 warmup_steps=args.warmup_steps, seed=args.seed, log_every=1 if args.smoke else 200)
     result = train(pipe, settings, log=lambda line: print(line, flush=True))

@@ -6,34 +6,28 @@ import contextlib
 import logging
 import numbers
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import plugins
 from ._version import __version__
-from .adapter import Adapter
-from .calibration import (
-    bundled_prompts,
-    prepare_calibration,
-    record_pipeline_calibration,
-)
-from .config import SandwichConfig, check_options
+from .config import CompressConfig, SandwichConfig
 from .discovery.flops import block_flops, count_flops, count_parameters
-from .discovery.resolve import resolve_blocks
 from .discovery.spec import Block
 from .errors import BlockpruneError
 from .plan import PLAN_ATTRIBUTE, Plan, StageLog, transformer_of
 from .progressive import InterruptGuard, Progressive
 from .report import output_console, print_plan, progress_bars
+from .run import Run, prepare_run
 from .runtime import distributed
-from .runtime.fingerprint import data_fingerprint, model_fingerprint, value_fingerprint
-from .runtime.offload import Offload
+from .runtime.fingerprint import data_fingerprint, model_fingerprint
+from .runtime.forward import model_device
 from .runtime.workdir import Workdir
 from .sandwich.reuse import LOG_ATTRIBUTE, assemble
 from .scoring import resolve_metrics
+from .scoring.auto import AUTO
 from .scoring.selection import ImportanceTable, score_run
 
 logger = logging.getLogger("blockprune")
@@ -65,27 +59,24 @@ def block_order(blocks: list[Block], order: str | list[str]) -> list[str]:
     return listed
 
 
-def _workdir(run: Run, ratio: float, order: Any, weights: dict, sandwich: SandwichConfig | None, seed: int) -> Workdir:
-    options = run.options
-    sandwich_key = {k: v for k, v in asdict(sandwich).items() if k != "activation_budget"} if sandwich else None
+def _workdir(run: Run, result: Plan, sandwich: SandwichConfig | None) -> Workdir:
     key = {
         "blockprune": __version__,
         "model": model_fingerprint(run.transformer),
         "data": data_fingerprint(run.batches),
-        "device": str(next(run.transformer.parameters()).device),
+        "device": str(model_device(run.transformer)),
         "adapter": run.adapter.name,
-        "ratio": ratio,
-        "order": order,
-        "importance": weights,
-        "sandwich": sandwich_key,
-        "seed": seed,
-        **{k: options[k] for k in ("ridge", "surrogate", "record_device", "score_batches", "ablation", "rescore")},
-        "metric_options": value_fingerprint(options["metric_options"] or {}),
+        "ratio": result.ratio,
+        "order": result.order,
+        "importance": result.importance,
+        "seed": result.seed,
+        **run.config.resume_key(sandwich=sandwich is not None),
     }
+    folder = run.config.workdir
     if distributed.is_main():
-        workdir = Workdir(options["workdir"], key)
+        workdir = Workdir(folder, key)
     distributed.barrier()  # rank 0 creates the workdir; the others only read it
-    return workdir if distributed.is_main() else Workdir(options["workdir"], key, writer=False)
+    return workdir if distributed.is_main() else Workdir(folder, key, writer=False)
 
 
 def compress(
@@ -100,6 +91,7 @@ def compress(
     seed: int = 0,
     progress: bool = True,
     device: str | torch.device | None = None,
+    config: CompressConfig | None = None,
     **options: Any,
 ) -> Any:
     """Replace ``round(ratio × blocks)`` residual blocks by fitted linear layers, in place; return ``model``.
@@ -107,61 +99,78 @@ def compress(
     ``model`` is a diffusers transformer or a pipeline holding one as ``.transformer``. ``calibration``
     is a list of dicts of keyword arguments for the transformer's forward; with a pipeline it may be
     left out and is then recorded from the pipeline on bundled prompts. Blocks are replaced one at a
-    time in ``order`` (``"importance"`` ranks them by the ``importance`` metrics), each fitted on
+    time in ``order`` (``"importance"`` ranks them by the ``importance`` metrics; ``importance="auto"`` instead
+    builds candidate plans from several metrics and fixed orders and keeps the one whose one-step output error
+    on held-out calibration batches is lowest), each fitted on
     activations of the model as it is after the earlier replacements; with ``sandwich`` each replacement
     is followed by sandwich training of its span. With ``workdir=`` finished work is saved as it goes and
-    the same call resumes after an interruption. Keyword options: see ``blockprune.compress.OPTIONS``.
+    the same call resumes after an interruption. Other settings come as a :class:`~blockprune.CompressConfig`
+    (``config=``) or as its fields by keyword (``ridge=``, ``ablation=``, ``sandwich_steps=``, ``lora_rank=`` ...),
+    keywords overriding the config's.
     """
     transformer = transformer_of(model)
     ratio = _check_ratio(ratio)
-    checked = check_options(options)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise BlockpruneError(f"seed must be an integer, got {seed!r}")
+    settings = CompressConfig.from_options(options, base=config)
+    kind = plugins.get_surrogate(settings.surrogate)
     distributed.init_from_environment()
     device = device if device is not None else distributed.default_device()
     progress = progress and distributed.is_main()
-    sandwich_options = SandwichConfig.from_options(checked) if sandwich else None
-    if sandwich_options is not None and checked["surrogate"] == "identity":  # deleted blocks stay deleted
-        sandwich_options = replace(sandwich_options, train_surrogates=False)
+    if not kind.trainable:  # e.g. deleted blocks stay deleted
+        settings = replace(settings, sandwich=replace(settings.sandwich, train_surrogates=False))
+    sandwich_config = settings.sandwich if sandwich else None
     if hasattr(transformer, PLAN_ATTRIBUTE):
         raise BlockpruneError("this model is already compressed; compress the original model instead")
-    reuse_from = checked["reuse_from"]
-    weights = resolve_metrics(importance)[0] if order == "importance" and reuse_from is None else {}
+    weights = _importance_weights(importance, order, settings)
     torch.manual_seed(seed)
     with contextlib.ExitStack() as stack:
-        run = prepare_run(model, adapter, calibration, device, options, stack)
-        _compress_run(run, ratio, order, importance, weights, sandwich_options, seed, progress, checked)
+        run = prepare_run(model, adapter, calibration, device, settings, stack)
+        result = Plan(run.adapter.name, ratio, order, [b.name for b in run.blocks], seed=seed, importance=dict(weights))
+        result.sandwich = asdict(sandwich_config) if sandwich_config else {}
+        result.surrogate = settings.surrogate
+        result.config = settings.to_dict()
+        _compress_run(run, result, importance, sandwich_config, progress)
     return model
 
 
-def _compress_run(run: Run, ratio, order, importance, weights, sandwich_options, seed, progress, checked) -> None:
-    """Choose and replace the blocks of a prepared run (or assemble them with ``reuse_from``)."""
-    transformer = run.transformer
-    reuse_from = checked["reuse_from"]
-    blocks = run.blocks
-    count = round(ratio * len(blocks))
+def _importance_weights(importance: Any, order: Any, settings: CompressConfig) -> dict[str, float]:
+    """The metric weights the plan records (``{"auto": 1.0}`` for a validated selection); bad names fail here."""
+    if order != "importance" or settings.reuse_from is not None:
+        return {}
+    if isinstance(importance, str) and importance == AUTO:
+        if settings.scoring.rescore == "each":
+            raise BlockpruneError(
+                "importance='auto' chooses the whole plan at once and cannot rescore='each'; use rescore='once', "
+                "or name a metric, e.g. importance='output_mse'"
+            )
+        return {AUTO: 1.0}
+    return resolve_metrics(importance)[0]
+
+
+def _compress_run(run: Run, result: Plan, importance: Any, sandwich: SandwichConfig | None, progress: bool) -> None:
+    """Choose and replace the blocks of a prepared run (or assemble them with ``reuse_from``) into ``result``."""
+    transformer, blocks = run.transformer, run.blocks
+    count = round(result.ratio * len(blocks))
     if count == 0:
         raise BlockpruneError(
-            f"ratio {ratio} of {len(blocks)} blocks rounds to 0 blocks; use ratio ≥ {0.5 / len(blocks):.3f}"
+            f"ratio {result.ratio} of {len(blocks)} blocks rounds to 0 blocks; use ratio ≥ {0.5 / len(blocks):.3f}"
         )
-    fixed = None if order == "importance" else block_order(blocks, order)
+    fixed = None if result.order == "importance" else block_order(blocks, result.order)
     if fixed is not None and len(fixed) < count:
-        raise BlockpruneError(f"order lists {len(fixed)} blocks but ratio {ratio} replaces {count}; list more blocks")
-    result = Plan(run.adapter.name, ratio, order, [b.name for b in blocks], seed=seed, importance=dict(weights))
-    result.sandwich = asdict(sandwich_options) if sandwich_options else {}
-    result.surrogate = checked["surrogate"]
+        raise BlockpruneError(
+            f"order lists {len(fixed)} blocks but ratio {result.ratio} replaces {count}; list more blocks")
     result.params_before = count_parameters(transformer)
     result.flops_before = count_flops(transformer, run.batches[0])
     flops_of_block = block_flops(transformer, [b.name for b in blocks], run.batches[0])
-    log = StageLog()
+    reuse_from = run.config.reuse_from
     if reuse_from is not None:
-        higher, log = assemble(transformer, blocks, count, reuse_from)
-        result.replaced, result.stages = higher.replaced[:count], higher.stages[:count]
-        result.scores, result.metric_values, result.sandwich = higher.scores, higher.metric_values, higher.sandwich
-        result.surrogate = higher.surrogate
-        result.reused_from = str(reuse_from) if not hasattr(reuse_from, "parameters") else type(reuse_from).__name__
+        log = _reuse(run, result, count, reuse_from)
     else:
-        workdir = _workdir(run, ratio, order, weights, sandwich_options, seed) if checked["workdir"] else None
-        loop = Progressive(run, fixed, count, importance, sandwich_options, seed, result, log, workdir,
-                           checked["keep_activations"])
+        log = StageLog()
+        workdir = _workdir(run, result, sandwich) if run.config.workdir else None
+        loop = Progressive(run, fixed, count, importance, sandwich, result.seed, result, log, workdir,
+                           run.config.keep_activations)
         try:
             with InterruptGuard() as guard, progress_bars(progress) as bars:
                 loop.execute(bars, guard)
@@ -176,6 +185,16 @@ def _compress_run(run: Run, ratio, order, importance, weights, sandwich_options,
     _finish(transformer, result, log, run.batches[0], flops_of_block)
     if progress:
         print_plan(result)
+
+
+def _reuse(run: Run, result: Plan, count: int, reuse_from: Any) -> StageLog:
+    """Assemble ``count`` replacements from a higher-ratio run; its plan's entries go into ``result``."""
+    higher, log = assemble(run.transformer, run.blocks, count, reuse_from)
+    result.replaced, result.stages = higher.replaced[:count], higher.stages[:count]
+    result.scores, result.metric_values, result.sandwich = higher.scores, higher.metric_values, higher.sandwich
+    result.surrogate = higher.surrogate
+    result.reused_from = str(reuse_from) if not hasattr(reuse_from, "parameters") else type(reuse_from).__name__
+    return log
 
 
 def _finish(transformer: torch.nn.Module, result: Plan, log: StageLog, batch: dict, flops_of_block: dict) -> None:
@@ -195,6 +214,7 @@ def importance(
     importance: str | list[str] | Mapping[str, float] = "fit_residual",
     progress: bool = True,
     device: str | torch.device | None = None,
+    config: CompressConfig | None = None,
     **options: Any,
 ) -> ImportanceTable:
     """Per-block importance without compressing: each metric's value per block and the combined score.
@@ -202,75 +222,20 @@ def importance(
     Takes the same model, calibration and options as :func:`blockprune.compress`; scores are cached on
     disk, so a later ``compress`` of the same model and data at any ratio costs no scoring.
     """
+    if isinstance(importance, str) and importance == AUTO:
+        raise BlockpruneError(
+            "importance='auto' chooses a plan for a given ratio and so runs inside compress(); to see per-block "
+            "scores, name the metrics, e.g. importance=['fit_residual', 'output_mse']"
+        )
     resolve_metrics(importance)  # bad metric names fail before any work
+    settings = CompressConfig.from_options(options, base=config)
     distributed.init_from_environment()
     device = device if device is not None else distributed.default_device()
     progress = progress and distributed.is_main()
     with contextlib.ExitStack() as stack:  # holds the offload, if any, until scoring is done
-        run = prepare_run(model, adapter, calibration, device, options, stack)
+        run = prepare_run(model, adapter, calibration, device, settings, stack)
         with progress_bars(progress) as bars:
             table = score_run(run, importance, bars=bars)
     if progress:
         output_console().print(table.table())
     return table
-
-
-@dataclass
-class Run:
-    """A model made ready for scoring or compression."""
-
-    transformer: nn.Module
-    pipeline: Any
-    adapter: Adapter
-    batches: list[dict[str, Any]]
-    blocks: list[Block]
-    options: dict[str, Any]
-    offload: Offload | None = None
-
-    @property
-    def scoring_batches(self) -> list[dict[str, Any]]:
-        """The first ``score_batches`` calibration batches (all by default)."""
-        count = self.options["score_batches"]
-        return self.batches[:count] if count else self.batches
-
-    @property
-    def metric_options(self) -> dict[str, Any]:
-        """Options handed to metrics (the ridge included, for ``replace`` ablations and ``fit_residual``)."""
-        return {**(self.options["metric_options"] or {}), "ridge": self.options["ridge"]}
-
-
-def prepare_run(
-    model: Any,
-    adapter: str,
-    calibration: Any,
-    device: str | torch.device | None,
-    options: Mapping[str, Any],
-    stack: contextlib.ExitStack | None = None,
-) -> Run:
-    """Resolve the transformer, adapter, calibration batches and blocks (verified on one forward pass).
-
-    With the ``offload`` option the model is put under :class:`Offload` on ``device`` until ``stack`` closes.
-    """
-    transformer = transformer_of(model)
-    pipeline = None if model is transformer else model
-    options = check_options(options)
-    chosen = plugins.get_adapter(transformer, adapter)
-    offload = None
-    if options["offload"]:
-        if device is None or stack is None:
-            raise BlockpruneError("offload=True needs device= (the accelerator that blocks visit), e.g. device='cuda'")
-        offload = stack.enter_context(Offload(transformer, chosen.trace_targets(transformer), device))
-    elif device is not None:
-        transformer.to(device)
-    if calibration is None and pipeline is not None:
-        batches = record_pipeline_calibration(
-            pipeline,
-            chosen,
-            options["calibration_prompts"] or bundled_prompts(),
-            num_inference_steps=options["calibration_steps"],
-            steps_per_prompt=options["steps_per_prompt"],
-        )
-    else:
-        batches = prepare_calibration(calibration)
-    blocks = resolve_blocks(transformer, chosen, batches[0])
-    return Run(transformer, pipeline, chosen, batches, blocks, options, offload)

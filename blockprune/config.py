@@ -1,18 +1,88 @@
-"""Sandwich-training options, validated once."""
+"""Typed settings of a compression: :class:`CompressConfig` with its :class:`ScoringConfig` and :class:`SandwichConfig`.
+
+Keyword options of :func:`blockprune.compress` build them (``ridge=``, ``ablation=``, ``sandwich_steps=``,
+``lora_rank=`` ...); each is validated once, when it is made. Fields whose ``metadata`` says
+``resume_key=False`` do not change the result (where files go, memory budgets), so a work directory made
+with other values of them still resumes.
+"""
 
 from __future__ import annotations
 
+import difflib
+import math
 import numbers
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .brll.replacement import SURROGATES
 from .errors import BlockpruneError
-from .scoring.ablation import ABLATIONS
 
+ABLATIONS = ("remove", "replace")
+RESCORE = ("once", "each")
 TARGETS = ("local", "global")
 WIDTHS = (1, 3, 5)
+OUTSIDE_KEY = {"resume_key": False}
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise BlockpruneError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _positive_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
+        raise BlockpruneError(f"{name} must be a positive number, got {value!r}")
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise BlockpruneError(f"{name} must be True or False, got {value!r}")
+
+
+def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise BlockpruneError(f"unknown {name} {value!r}; use one of {', '.join(map(repr, choices))}")
+
+
+def _folder(name: str, value: Any, allow_false: bool = False) -> None:
+    if value is None or (allow_false and value is False):
+        return
+    if not isinstance(value, (str, os.PathLike)):
+        accepted = "a folder path, None or False" if allow_false else "a folder path or None"
+        raise BlockpruneError(f"{name} must be {accepted}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How blocks are scored for ``order="importance"`` (which metrics: ``compress(importance=...)``)."""
+
+    ablation: str = "remove"  # how a block is ablated for scoring: "remove" (Y = X) or "replace" (its LS surrogate)
+    rescore: str = "once"  # "once" (the paper) or "each": re-score the remaining blocks after each replacement
+    score_batches: int | None = None  # how many calibration batches scoring uses; default: all
+    metric_options: Mapping[str, Any] | None = None  # for metrics: feature_extractor, clip_scorer, generation_* ...
+    # score cache; default $BLOCKPRUNE_CACHE_DIR or ~/.cache/blockprune; False: off
+    cache_dir: str | os.PathLike | bool | None = field(default=None, metadata=OUTSIDE_KEY)
+    auto_held_out: float = 0.25  # importance="auto": share of the scoring batches kept out to check each plan
+    auto_refine: int = 1  # importance="auto": rounds of greedy block swaps after the best candidate (0: none)
+    # importance="auto": check candidates on sampled "images" (needs a pipeline), one-step "outputs", or "auto"
+    auto_check: str = "auto"
+
+    def __post_init__(self) -> None:
+        _one_of("ablation", self.ablation, ABLATIONS)
+        if isinstance(self.auto_held_out, bool) or not isinstance(self.auto_held_out, numbers.Real) or not (
+            0 < self.auto_held_out < 1
+        ):
+            raise BlockpruneError(f"auto_held_out must be strictly between 0 and 1, got {self.auto_held_out!r}")
+        if isinstance(self.auto_refine, bool) or not isinstance(self.auto_refine, int) or self.auto_refine < 0:
+            raise BlockpruneError(f"auto_refine must be an integer ≥ 0 (rounds of greedy swaps), got {self.auto_refine!r}")
+        _one_of("rescore", self.rescore, RESCORE)
+        _one_of("auto_check", self.auto_check, ("auto", "images", "outputs"))
+        if self.score_batches is not None:
+            _positive_int("score_batches", self.score_batches)
+        if self.metric_options is not None and not isinstance(self.metric_options, Mapping):
+            raise BlockpruneError(f"metric_options must be a dict of metric settings, got {self.metric_options!r}")
+        _folder("cache_dir", self.cache_dir, allow_false=True)
 
 
 @dataclass(frozen=True)
@@ -26,89 +96,155 @@ class SandwichConfig:
     split: float = 0.5  # share of calibration batches for training; the rest fit the least squares
     held_out: float = 0.25  # share of the training batches held out for the before/after report
     target: str = "local"  # "local": original blocks on the span's input; "global": unpruned model's activation
-    lora_rank: int = 16
-    lora_alpha: float = 16.0
+    lora_rank: int = 16  # rank of the LoRA on the span's unreplaced blocks
+    lora_alpha: float = 16.0  # LoRA scaling numerator (the update is scaled by alpha / rank)
     lora_targets: tuple[str, ...] | None = None  # module names inside a block; default: the adapter's
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute block activations in the backward pass (less memory)
     train_surrogates: bool = True  # train the span's linear layers in full; False: they keep their fit (or Y = X)
-    activation_budget: int = 8 * 2**30  # bytes of recorded activations kept in RAM before spilling to disk
+    # bytes of recorded activations kept in RAM before spilling to disk
+    activation_budget: int = field(default=8 * 2**30, metadata=OUTSIDE_KEY)
 
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> SandwichConfig:
-        """Build from ``compress`` options (``sandwich_width`` → ``width``; ``lora_rank`` etc. keep their names)."""
-        values = {}
-        for field in fields(cls):
-            for key in (f"sandwich_{field.name}", field.name):
-                if key in options and options[key] is not None:
-                    values[field.name] = options[key]
-        if "lora_targets" in values:
-            values["lora_targets"] = tuple(values["lora_targets"])
-        return cls(**values).validated()
-
-    def validated(self) -> SandwichConfig:
-        """Check every field; a bad value is an error that names the option."""
+    def __post_init__(self) -> None:
         if self.width not in WIDTHS:
             raise BlockpruneError(f"sandwich_width must be 1, 3 or 5, got {self.width!r}")
         for name in ("steps", "batch_size", "lora_rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise BlockpruneError(f"{_option(name)} must be a positive integer, got {value!r}")
+            _positive_int(_sandwich_option(name), getattr(self, name))
         for name in ("lr", "lora_alpha", "activation_budget"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-                raise BlockpruneError(f"{_option(name)} must be a positive number, got {value!r}")
+            _positive_number(_sandwich_option(name), getattr(self, name))
         for name in ("split", "held_out"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
-                raise BlockpruneError(f"{_option(name)} must be strictly between 0 and 1, got {value!r}")
+                raise BlockpruneError(f"{_sandwich_option(name)} must be strictly between 0 and 1, got {value!r}")
         for name in ("gradient_checkpointing", "train_surrogates"):
-            if not isinstance(getattr(self, name), bool):
-                raise BlockpruneError(f"{_option(name)} must be True or False, got {getattr(self, name)!r}")
+            _boolean(_sandwich_option(name), getattr(self, name))
         if self.target not in TARGETS:
             raise BlockpruneError(f"sandwich_target must be 'local' or 'global', got {self.target!r}")
-        return self
+        if self.lora_targets is not None:
+            targets = self.lora_targets
+            if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+                raise BlockpruneError(
+                    f"lora_targets must be a list of module names inside a block, e.g. ['to_q', 'to_v'], got {targets!r}"
+                )
+            object.__setattr__(self, "lora_targets", tuple(targets))
 
 
-def _option(name: str) -> str:
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything ``compress`` takes besides the model, adapter, ratio, calibration, order, importance and seed."""
+
+    ridge: float = 1e-6  # λ = ridge · trace(ZᵀZ)/(d+1)
+    surrogate: str = "linear"  # a registered surrogate kind: "linear" (BRLL), "identity" (the block deleted)
+    record_device: str | None = None  # where the float64 accumulators live; default: the block's device
+    # recording calibration from a pipeline (the recorded batches enter the resume key themselves)
+    calibration_prompts: tuple[str, ...] | None = field(default=None, metadata=OUTSIDE_KEY)  # default: bundled
+    calibration_steps: int = field(default=8, metadata=OUTSIDE_KEY)  # denoising steps per prompt
+    steps_per_prompt: int = field(default=2, metadata=OUTSIDE_KEY)  # transformer calls kept per prompt
+    # keep blocks on the CPU, moving each to the device only while it runs or trains
+    offload: bool = field(default=False, metadata=OUTSIDE_KEY)
+    # folder for resumable runs: scores and finished stages are written there atomically
+    workdir: str | os.PathLike | None = field(default=None, metadata=OUTSIDE_KEY)
+    # keep spilled activation shards in the workdir after their stage
+    keep_activations: bool = field(default=False, metadata=OUTSIDE_KEY)
+    # a folder or compressed model of a higher-ratio run: assemble from it, no training
+    reuse_from: Any = field(default=None, metadata=OUTSIDE_KEY)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    sandwich: SandwichConfig = field(default_factory=SandwichConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, numbers.Real) or not (
+            self.ridge >= 0 and math.isfinite(self.ridge)
+        ):
+            raise BlockpruneError(f"ridge must be a finite number ≥ 0 (1e-6 by default), got {self.ridge!r}")
+        if not isinstance(self.surrogate, str):
+            raise BlockpruneError(f"surrogate must be the name of a surrogate kind, got {self.surrogate!r}")
+        for name in ("calibration_steps", "steps_per_prompt"):
+            _positive_int(name, getattr(self, name))
+        for name in ("offload", "keep_activations"):
+            _boolean(name, getattr(self, name))
+        _folder("workdir", self.workdir)
+        if self.calibration_prompts is not None:
+            prompts = self.calibration_prompts
+            if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
+                raise BlockpruneError(f"calibration_prompts must be a non-empty list of prompts, got {prompts!r}")
+            object.__setattr__(self, "calibration_prompts", tuple(prompts))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], base: CompressConfig | None = None) -> CompressConfig:
+        """``base`` (default: the defaults) with the keyword options of ``compress`` applied.
+
+        An unknown option is an error that names the closest valid one.
+        """
+        base = base if base is not None else cls()
+        check_option_names(options)
+        own = {f.name for f in fields(cls)} - {"scoring", "sandwich"}
+        scoring = {f.name for f in fields(ScoringConfig)}
+        sandwich = {_sandwich_option(f.name): f.name for f in fields(SandwichConfig)}
+        given = {k: v for k, v in options.items() if v is not None}
+        return replace(
+            base,
+            **{k: v for k, v in given.items() if k in own},
+            scoring=replace(base.scoring, **{k: v for k, v in given.items() if k in scoring}),
+            sandwich=replace(base.sandwich, **{sandwich[k]: v for k, v in given.items() if k in sandwich}),
+        )
+
+    def resume_key(self, sandwich: bool) -> dict[str, Any]:
+        """The fields that decide the result, JSON-ready (the work directory's key)."""
+        from .runtime.fingerprint import value_fingerprint
+
+        def kept(config: Any) -> dict[str, Any]:
+            return {f.name: getattr(config, f.name) for f in fields(config)
+                    if f.metadata.get("resume_key", True) and f.name not in ("scoring", "sandwich")}
+
+        scoring = kept(self.scoring)
+        scoring["metric_options"] = value_fingerprint(dict(self.scoring.metric_options or {}))
+        return {**kept(self), "scoring": scoring, "sandwich": kept(self.sandwich) if sandwich else None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record of the settings (objects such as ``reuse_from`` models or metric helpers by name)."""
+        return _json_ready(asdict(self))
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return type(value).__name__
+
+
+def _sandwich_option(name: str) -> str:
     return name if name.startswith("lora_") else f"sandwich_{name}"
 
 
 def option_names() -> list[str]:
-    """The ``compress`` option names that configure sandwich training."""
-    return [_option(field.name) for field in fields(SandwichConfig)]
+    """Every keyword option of ``compress`` / ``importance``, in documentation order."""
+    own = [f.name for f in fields(CompressConfig) if f.name not in ("scoring", "sandwich")]
+    return own + [f.name for f in fields(ScoringConfig)] + [_sandwich_option(f.name) for f in fields(SandwichConfig)]
 
 
-OPTIONS: dict[str, Any] = {
-    "ridge": 1e-6,  # λ = ridge · trace(ZᵀZ)/(d+1)
-    "surrogate": "linear",  # "linear": BRLL; "identity": Y = X, the block deleted (a baseline to compare with)
-    "record_device": None,  # where the float64 accumulators live; default: the block's device
-    "score_batches": None,  # how many calibration batches importance scoring uses; default: all
-    "ablation": "remove",  # how a block is ablated for scoring: "remove" (Y = X) or "replace" (its LS surrogate)
-    "rescore": "once",  # "once" (the paper) or "each": re-score the remaining blocks after each replacement
-    "metric_options": None,  # options for metrics: feature_extractor, clip_scorer, clip_model_path, generation_*
-    "cache_dir": None,  # importance score cache; default $BLOCKPRUNE_CACHE_DIR or ~/.cache/blockprune; False: off
-    "calibration_prompts": None,  # prompts for recording calibration from a pipeline; default: bundled
-    "calibration_steps": 8,  # denoising steps per prompt when recording from a pipeline
-    "steps_per_prompt": 2,  # transformer calls kept per prompt, evenly spaced over the steps
-    "offload": False,  # keep blocks on the CPU, moving each to the device only while it runs or trains
-    "workdir": None,  # folder for resumable runs: scores and finished stages are written there atomically
-    "keep_activations": False,  # keep spilled activation shards in the workdir after their stage
-    "reuse_from": None,  # a folder or compressed model of a higher-ratio run: assemble from it, no training
-    # sandwich training (see blockprune.sandwich.SandwichConfig for meanings and defaults)
-    **dict.fromkeys(option_names()),
-}
+def sandwich_option_names() -> list[str]:
+    """The keyword options that configure sandwich training (``sandwich_*`` and ``lora_*``)."""
+    return [_sandwich_option(f.name) for f in fields(SandwichConfig)]
 
 
-def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options with defaults filled in; an unknown name is an error that lists the known ones."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise BlockpruneError(f"unknown option {unknown[0]!r}; options: {', '.join(OPTIONS)}")
-    merged = {**OPTIONS, **options}
-    if merged["ablation"] not in ABLATIONS:
-        raise BlockpruneError(f"unknown ablation {merged['ablation']!r}; use one of {', '.join(ABLATIONS)}")
-    if merged["surrogate"] not in SURROGATES:
-        raise BlockpruneError(f"unknown surrogate {merged['surrogate']!r}; use one of {', '.join(SURROGATES)}")
-    if merged["rescore"] not in ("once", "each"):
-        raise BlockpruneError(f"rescore must be 'once' or 'each', got {merged['rescore']!r}")
-    return merged
+def check_option_names(options: Mapping[str, Any]) -> None:
+    """Refuse an unknown option name, naming the closest valid one."""
+    known = option_names()
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise BlockpruneError(f"unknown option {name!r}; {hint}options: {', '.join(known)}")
+
+
+def defaults() -> dict[str, Any]:
+    """Each keyword option's default value."""
+    config = CompressConfig()
+    values = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("scoring", "sandwich")}
+    values.update({f.name: getattr(config.scoring, f.name) for f in fields(ScoringConfig)})
+    values.update({_sandwich_option(f.name): getattr(config.sandwich, f.name) for f in fields(SandwichConfig)})
+    return values

@@ -69,6 +69,9 @@ class Plan:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase of this call
     fused: list[FusedRun] = field(default_factory=list)
     surrogate: str = "linear"  # "identity": the blocks were deleted (Y = X), not fitted
+    config: dict[str, Any] = field(default_factory=dict)  # the run's CompressConfig, JSON-ready
+    # importance="auto": every candidate plan's held-out output error, and the one chosen
+    selection: dict[str, Any] = field(default_factory=dict)
 
     @property
     def replaced_names(self) -> list[str]:

@@ -24,8 +24,13 @@ DEFAULT_PLUGINS = (
     "blockprune.scoring.metrics.fit_residual",
     "blockprune.scoring.metrics.fid",
     "blockprune.scoring.metrics.clip",
-    "blockprune.toy.metrics",
+    "blockprune.brll.replacement",
 )
+HOOKS = {  # registry kind -> hook name
+    "adapters": "blockprune_register_adapters",
+    "metrics": "blockprune_register_metrics",
+    "surrogates": "blockprune_register_surrogates",
+}
 
 _manager: pluggy.PluginManager | None = None
 
@@ -43,13 +48,32 @@ def get_plugin_manager() -> pluggy.PluginManager:
             manager.register(importlib.import_module(module_name), name=module_name)
         if not os.environ.get(DISABLE_AUTOLOAD_ENV):
             manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        _check_pending(manager)
         _manager = manager
     return _manager
 
 
+def _check_pending(manager: pluggy.PluginManager) -> None:
+    try:
+        manager.check_pending()
+    except pluggy.PluginValidationError as error:
+        raise BlockpruneError(
+            f"{error}; blockprune's hooks are {', '.join(HOOKS.values())}: fix the hook's name in that plugin"
+        ) from error
+
+
 def register_plugin(plugin: Any, name: str | None = None) -> None:
-    """Register a plugin (a module or object with ``@hookimpl`` functions) in this process."""
-    get_plugin_manager().register(plugin, name=name)
+    """Register a plugin (a module or object with ``@hookimpl`` functions) in this process.
+
+    A ``@hookimpl`` function whose name is no blockprune hook is an error, and the plugin is not kept.
+    """
+    manager = get_plugin_manager()
+    manager.register(plugin, name=name)
+    try:
+        _check_pending(manager)
+    except BlockpruneError:
+        manager.unregister(plugin)
+        raise
 
 
 def unregister_plugin(plugin: Any) -> None:
@@ -77,21 +101,34 @@ def _collect(hook_name: str, what: str) -> dict[str, Any]:
 
 def adapters() -> dict[str, Any]:
     """All registered adapters by name."""
-    return _collect("blockprune_register_adapters", "an adapter")
+    return _collect(HOOKS["adapters"], "an adapter")
 
 
 def metrics() -> dict[str, Any]:
     """All registered importance metrics by name."""
-    return _collect("blockprune_register_metrics", "a metric")
+    return _collect(HOOKS["metrics"], "a metric")
+
+
+def surrogates() -> dict[str, Any]:
+    """All registered surrogate kinds by name."""
+    return _collect(HOOKS["surrogates"], "a surrogate kind")
+
+
+def get_surrogate(name: str) -> Any:
+    """The surrogate kind called ``name``; an unknown name is an error listing the known ones."""
+    known = surrogates()
+    if name not in known:
+        raise BlockpruneError(f"unknown surrogate {name!r}; use one of {', '.join(map(repr, sorted(known)))}")
+    return known[name]
 
 
 def plugin_contents() -> dict[str, dict[str, list[str]]]:
-    """For each plugin: the names of the adapters and metrics it registers."""
+    """For each plugin: the names of the adapters, metrics and surrogate kinds it registers."""
     manager = get_plugin_manager()
     contents = {}
     for name, plugin in manager.list_name_plugin():
-        items: dict[str, list[str]] = {"adapters": [], "metrics": []}
-        for kind, hook in (("adapters", "blockprune_register_adapters"), ("metrics", "blockprune_register_metrics")):
+        items: dict[str, list[str]] = {kind: [] for kind in HOOKS}
+        for kind, hook in HOOKS.items():
             impl = getattr(plugin, hook, None)
             if impl is not None:
                 impl(register=lambda item, kind=kind: items[kind].append(item.name))

@@ -19,17 +19,18 @@ from torch import nn
 from .brll.replacement import replace_block
 from .brll.surrogate import LinearSurrogate
 from .config import SandwichConfig
-from .discovery.resolve import set_submodule
 from .discovery.spec import Block
 from .errors import BlockpruneError, CompressionInterrupted
 from .plan import Plan, ReplacedBlock, StageLog, StageReport, StreamReport
+from .runtime.forward import model_device
 from .runtime.workdir import Workdir
 from .sandwich import train_stage
 from .sandwich.reuse import components_to_tensors, tensors_to_components
+from .scoring.auto import AUTO, auto_select
 from .scoring.selection import ImportanceTable, score_run
 
 if TYPE_CHECKING:
-    from .compress import Run
+    from .run import Run
 
 logger = logging.getLogger("blockprune")
 
@@ -101,7 +102,7 @@ class Progressive:
     def execute(self, bars: Any, guard: InterruptGuard) -> None:
         """Run (or, from the workdir, restore) every stage; stop at a safe point when ``guard`` asks."""
         task = bars.add_task("replacing blocks" + (" + sandwich training" if self.sandwich else ""), total=self.count)
-        each = self.run.options["rescore"] == "each"
+        each = self.run.config.scoring.rescore == "each"
         for step in range(self.count):
             saved = None
             if self.workdir is not None:
@@ -121,7 +122,7 @@ class Progressive:
     def _choose(self, step: int, bars: Any) -> str:
         if self.fixed is not None:
             return self.fixed[step]
-        each = self.run.options["rescore"] == "each"
+        each = self.run.config.scoring.rescore == "each"
         if step == 0 or each:
             name = f"scores-{step if each else 0:03d}.json"
             cached = self.workdir.read_json(name) if self.workdir is not None else None
@@ -130,17 +131,25 @@ class Progressive:
             else:
                 remaining = [b for b in self.run.blocks if b.name not in self.replaced]
                 with self._timed("scoring"):
-                    self.table = score_run(self.run, self.importance, remaining, bars)
+                    if self.importance == AUTO:
+                        self.table = auto_select(self.run, remaining, self.count, bars)
+                    else:
+                        self.table = score_run(self.run, self.importance, remaining, bars)
                 if self.workdir is not None:
                     self.workdir.write_json(name, self.table.to_dict())
             if step == 0:
-                self.plan.metric_values, self.plan.scores = self.table.values, self.table.scores
+                self._note_table()
         return self.table.order[0] if each else self.table.order[step]
+
+    def _note_table(self) -> None:
+        """The first scoring's values, scores and (with importance="auto") candidate errors go into the plan."""
+        self.plan.metric_values, self.plan.scores = self.table.values, self.table.scores
+        self.plan.selection = self.table.selection or {}
 
     @contextlib.contextmanager
     def _timed(self, phase: str) -> Iterator[None]:
         """Add the wall time of the ``with`` body to ``plan.seconds[phase]`` (GPU work included)."""
-        device = next(self.run.transformer.parameters()).device
+        device = model_device(self.run.transformer)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
@@ -158,13 +167,13 @@ class Progressive:
                     self.originals[name] = copy.deepcopy(self.run.transformer.get_submodule(name)).to("cpu")
 
     def _stage(self, step: int, bars: Any) -> None:
-        model, options = self.run.transformer, self.run.options
+        model, config = self.run.transformer, self.run.config
         name = self._choose(step, bars)
         self._keep_original([name])
-        home = next(model.get_submodule(name).parameters()).device
+        home = model_device(model.get_submodule(name))
         with self._timed("least_squares"):
-            entry = replace_block(model, self.by_name[name], self.least_squares, options["ridge"],
-                                  options["record_device"], options["surrogate"])
+            entry = replace_block(model, self.by_name[name], self.least_squares, config.ridge, config.record_device,
+                                  config.surrogate)
         entry.score = self.table.scores.get(name) if self.table is not None else None
         self.replaced.add(name)
         report, trained, lora = None, {}, {}
@@ -177,7 +186,7 @@ class Progressive:
                                                       self.seed + step, folder, self.keep_activations,
                                                       self.run.offload)
             except BaseException:
-                set_submodule(model, name, copy.deepcopy(self.originals[name]).to(home))
+                model.set_submodule(name, copy.deepcopy(self.originals[name]).to(home))
                 self.replaced.discard(name)
                 raise
             finally:
@@ -200,12 +209,12 @@ class Progressive:
         model, name = self.run.transformer, record["block"]
         self._keep_original([name, *record["touched"]])
         block = self.by_name[name]
-        set_submodule(model, name, LinearSurrogate.for_block(model.get_submodule(name), block.spec, block.stream_dims))
+        model.set_submodule(name, LinearSurrogate.for_block(model.get_submodule(name), block.spec, block.stream_dims))
         for touched in record["touched"]:
             prefix = f"model/{touched}/"
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             module = model.get_submodule(touched)
-            device = next(module.parameters()).device
+            device = model_device(module)
             module.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
         self.replaced.add(name)
         entry = record["entry"]
@@ -216,7 +225,7 @@ class Progressive:
             cached = self.workdir.read_json("scores-000.json")
             if cached is not None:
                 self.table = ImportanceTable.from_dict(cached)
-                self.plan.metric_values, self.plan.scores = self.table.values, self.table.scores
+                self._note_table()
         logger.info("restored stage %s from the workdir", name)
         self._record(entry, report, trained, lora)
 

@@ -29,7 +29,7 @@ def progress_bars(enabled: bool) -> Iterator[Progress]:
         yield progress
 
 
-def _count(value: float | None) -> str:
+def format_count(value: float | None) -> str:
     if value is None:
         return "-"
     for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -64,9 +64,9 @@ def plan_table(plan: Plan) -> Table:
                 f"{report.condition_number:.3g}",
             )
     table.caption = (
-        f"parameters {_count(plan.params_before)} → {_count(plan.params_after)}"
-        f"{_ratio(plan.params_after, plan.params_before)}; FLOPs {_count(plan.flops_before)} → "
-        f"{_count(plan.flops_after)}{_ratio(plan.flops_after, plan.flops_before)}"
+        f"parameters {format_count(plan.params_before)} → {format_count(plan.params_after)}"
+        f"{_ratio(plan.params_after, plan.params_before)}; FLOPs {format_count(plan.flops_before)} → "
+        f"{format_count(plan.flops_after)}{_ratio(plan.flops_after, plan.flops_before)}"
         + (f"; workdir {plan.workdir_bytes / 1e6:.1f} MB" if plan.workdir_bytes is not None else "")
     )
     if plan.fused:
@@ -89,6 +89,19 @@ def stages_table(plan: Plan) -> Table:
     return table
 
 
+def selection_table(plan: Plan) -> Table:
+    """importance="auto": each candidate plan's relative output error on the held-out batches, best first."""
+    selection = plan.selection
+    title = (f"block selection (importance='auto'): output error with the plan's blocks fitted on "
+             f"{selection['fit_batches']} batches, checked on {selection['held_batches']} held out")
+    table = Table(title=title, box=box.SIMPLE)
+    for column in ("candidate", "held-out rel. error", ""):
+        table.add_column(column, justify="left" if column != "held-out rel. error" else "right")
+    for name, error in sorted(selection["candidates"].items(), key=lambda item: item[1]):
+        table.add_row(name, f"{error:.4g}", "chosen" if name == selection["chosen"] else "")
+    return table
+
+
 def output_console() -> Console:
     """A console for tables: 120 columns wide when output is not a terminal, so logs keep full names."""
     console = Console()
@@ -99,5 +112,7 @@ def print_plan(plan: Plan) -> None:
     """Print the plan table, and the sandwich stages if there were any."""
     console = output_console()
     console.print(plan_table(plan))
+    if plan.selection:
+        console.print(selection_table(plan))
     if plan.stages:
         console.print(stages_table(plan))

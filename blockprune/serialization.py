@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 
 from .brll.fusion import fuse as fuse_runs
 from .brll.surrogate import LinearSurrogate
-from .discovery.resolve import set_submodule
 from .discovery.spec import BlockSpec
 from .errors import BlockpruneError
 from .plan import PLAN_ATTRIBUTE, Plan, plan, transformer_of
@@ -91,6 +90,17 @@ def save_pretrained(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     transformer.save_config(directory)
+    _write_weights(transformer, directory, max_shard_bytes)
+    (directory / MANIFEST).write_text(json.dumps(_manifest(transformer, compressed), indent=2))
+    log = getattr(transformer, LOG_ATTRIBUTE, None)
+    if log is not None and log.blocks:
+        save_stage_log(log, directory)
+    else:
+        (directory / STAGES_FILE).unlink(missing_ok=True)  # an earlier run's stages must not be reused for this one
+
+
+def _write_weights(transformer: torch.nn.Module, directory: Path, max_shard_bytes: int) -> None:
+    """The state dict as safetensors (tied tensors stored apart), sharded with an index past ``max_shard_bytes``."""
     seen: dict[int, str] = {}
     state = {}
     for key, tensor in transformer.state_dict().items():
@@ -108,12 +118,16 @@ def save_pretrained(
             save_file(shard, directory / filename, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, filename))
         (directory / INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=2))
+
+
+def _manifest(transformer: torch.nn.Module, compressed: Plan) -> dict[str, Any]:
+    """What ``blockprune.json`` holds: format, adapter, model class, dtype, the replaced blocks and the plan."""
     replaced = []
     for entry in compressed.replaced:
         surrogate = transformer.get_submodule(entry.name)
         shapes = {s: list(linear.weight.shape) for s, linear in surrogate.linears.items()}
         replaced.append({"name": entry.name, "kind": entry.kind, "spec": entry.spec, "streams": shapes})
-    manifest = {
+    return {
         "format_version": FUSED_FORMAT_VERSION if compressed.fused else FORMAT_VERSION,
         "adapter": compressed.adapter,
         "model_class": f"{type(transformer).__module__}:{type(transformer).__qualname__}",
@@ -121,12 +135,6 @@ def save_pretrained(
         "replaced": replaced,
         "plan": compressed.to_dict(),
     }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    log = getattr(transformer, LOG_ATTRIBUTE, None)
-    if log is not None and log.blocks:
-        save_stage_log(log, directory)
-    else:
-        (directory / STAGES_FILE).unlink(missing_ok=True)  # an earlier run's stages must not be reused for this one
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
@@ -209,7 +217,7 @@ def from_pretrained(
                 f"{MANIFEST} says {entry['name']} is a {entry['kind']}, the model has a {type(block).__name__}"
             )
         dims = {s: shape[1] for s, shape in entry["streams"].items()}
-        set_submodule(model, entry["name"], LinearSurrogate.for_block(block, BlockSpec.from_dict(entry["spec"]), dims))
+        model.set_submodule(entry["name"], LinearSurrogate.for_block(block, BlockSpec.from_dict(entry["spec"]), dims))
     state = _load_weights(directory)
     _check_tensors(model, state, directory)
     model.load_state_dict(state, strict=True, assign=True)

@@ -22,11 +22,10 @@ from blockprune.calibration import (
     record_pipeline_calibration,
 )
 from blockprune.cli.sources import DTYPES, check_output_folder
-from blockprune.config import OPTIONS
+from blockprune.config import SandwichConfig, defaults
 from blockprune.errors import BlockpruneError
 from blockprune.plan import transformer_of
 from blockprune.runtime.forward import model_device, output_tensor, to_device
-from blockprune.config import SandwichConfig
 
 
 @dataclass
@@ -70,10 +69,10 @@ def parser_for(family: Family) -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the grid images (default 0 1)")
     parser.add_argument("--grid-prompts", type=int, default=2, help="prompts in the grid (default 2, from the calibration prompts)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps of the grid images (default 28)")
-    parser.add_argument("--calibration-steps", type=int, default=OPTIONS["calibration_steps"],
-                        help=f"denoising steps per calibration prompt (default {OPTIONS['calibration_steps']})")
-    parser.add_argument("--steps-per-prompt", type=int, default=OPTIONS["steps_per_prompt"],
-                        help=f"transformer calls kept per calibration prompt (default {OPTIONS['steps_per_prompt']})")
+    parser.add_argument("--calibration-steps", type=int, default=defaults()["calibration_steps"],
+                        help=f"denoising steps per calibration prompt (default {defaults()['calibration_steps']})")
+    parser.add_argument("--steps-per-prompt", type=int, default=defaults()["steps_per_prompt"],
+                        help=f"transformer calls kept per calibration prompt (default {defaults()['steps_per_prompt']})")
     parser.add_argument("--calibration-batches", type=int, default=16, help="synthetic calibration batches in --tiny mode")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the pipeline (default bfloat16)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of the pipeline")

@@ -1,6 +1,7 @@
 """A compress run in its own process, for the fault tests: ``python compress_job.py WORKDIR OUT [KILL_AT]``.
 
 ``KILL_AT`` is ``point:n``: the process kills itself with SIGKILL on the n-th call of that point's function.
+``JOB_IMPORTANCE`` in the environment replaces the importance metric (``output_mse``).
 """
 
 import os
@@ -14,6 +15,7 @@ import blockprune  # noqa: E402
 import blockprune.brll.replacement  # noqa: E402
 import blockprune.runtime.workdir  # noqa: E402
 import blockprune.sandwich.stage  # noqa: E402
+import blockprune.scoring.auto  # noqa: E402
 import blockprune.scoring.metrics.output_mse  # noqa: E402
 
 POINTS = {
@@ -22,9 +24,10 @@ POINTS = {
     "fitting": (blockprune.brll.replacement, "fit_affine"),
     "training": (blockprune.sandwich.stage, "_train"),
     "writing": (blockprune.runtime.workdir.os, "replace"),
+    "evaluating": (blockprune.scoring.auto.PlanEvaluator, "error"),
 }
 OPTIONS = {"ratio": 0.5, "sandwich_steps": 8, "sandwich_lr": 1e-3, "progress": False, "cache_dir": False,
-           "importance": "output_mse"}  # its evaluations are the "scoring" kill point
+           "importance": os.environ.get("JOB_IMPORTANCE", "output_mse")}  # its evaluations: the "scoring" point
 
 
 def kill_on_call(point: str, count: int) -> None:

@@ -107,12 +107,12 @@ def test_compress_with_sandwich_training_in_a_workdir_then_reuse(tmp_path, capsy
 
 def test_every_compress_option_can_be_given_on_the_command_line():
     from blockprune.cli import build_parser
-    from blockprune.config import OPTIONS
+    from blockprune.config import option_names
 
     compress_parser = build_parser()._subparsers._group_actions[0].choices["compress"]
     destinations = {action.dest for action in compress_parser._actions}
     # metric_options: --clip-model-path, --generation-steps, --generation-seeds; calibration_prompts: --prompts
-    assert set(OPTIONS) - destinations == {"metric_options", "calibration_prompts"}
+    assert set(option_names()) - destinations == {"metric_options", "calibration_prompts"}
 
 
 def test_compress_a_pipeline_folder_records_calibration_from_the_prompts_file(tmp_path, capsys):

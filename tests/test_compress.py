@@ -106,11 +106,27 @@ def test_generator_calibration_is_used_for_every_pass():
     assert report.tokens == 3 * 2 * 16  # batches × batch size × image tokens
 
 
-def test_compress_accepts_float64_record_device_and_ridge_option():
+def test_record_device_and_ridge_options_take_effect():
+    calibration = flux_batches(2)
     model = make_flux()
-    blockprune.compress(model, ratio=0.25, calibration=flux_batches(2), sandwich=False, progress=False,
+    blockprune.compress(model, ratio=0.25, calibration=calibration, sandwich=False, progress=False,
                         record_device="cpu", ridge=1e-3)
-    assert blockprune.plan(model).replaced[0].streams["hidden_states"].relative_error < 1
+    plan = blockprune.plan(model)
+    assert (plan.config["ridge"], plan.config["record_device"]) == (1e-3, "cpu")
+    name = plan.replaced[0].name
+    surrogate = model.get_submodule(name)
+
+    reference = make_flux()
+    block = next(b for b in resolve_blocks(reference, plugins.get_adapter(reference), calibration[0]) if b.name == name)
+    recorded = record_block(reference, block, calibration, device="cpu")
+    assert set(recorded) == set(plan.replaced[0].streams) == {"encoder_hidden_states", "hidden_states"}
+    for stream, accumulator in recorded.items():
+        asked, default = fit_affine(accumulator, ridge=1e-3), fit_affine(accumulator, ridge=1e-6)
+        torch.testing.assert_close(surrogate.linears[stream].weight, asked.weight.float())
+        torch.testing.assert_close(surrogate.linears[stream].bias, asked.bias.float())
+        assert not torch.allclose(surrogate.linears[stream].weight, default.weight.float(), atol=1e-4)
+        assert plan.replaced[0].streams[stream].relative_error == pytest.approx(asked.relative_error)
+        assert asked.relative_error > default.relative_error
 
 
 def test_plain_torch_model_through_generic_adapter():

@@ -20,7 +20,7 @@ from families_video import FAMILIES as VIDEO
 
 import blockprune
 from blockprune import LinearSurrogate, plugins
-from blockprune.discovery.resolve import resolve_blocks, set_submodule
+from blockprune.discovery.resolve import resolve_blocks
 from blockprune.errors import BlockpruneError
 from blockprune.runtime.forward import forward_batch, output_tensor
 
@@ -48,7 +48,7 @@ def replace_every_block(model: torch.nn.Module, family, batch: dict) -> list:
     blocks = resolve_blocks(model, plugins.get_adapter(model, family.adapter), batch)
     for block in blocks:
         surrogate = LinearSurrogate.for_block(model.get_submodule(block.name), block.spec, block.stream_dims)
-        set_submodule(model, block.name, surrogate)
+        model.set_submodule(block.name, surrogate)
     return blocks
 
 

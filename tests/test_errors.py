@@ -103,7 +103,7 @@ def test_order_with_unknown_block_and_too_few_names():
 
 
 def test_unknown_option_and_metric():
-    with pytest.raises(BlockpruneError, match="unknown option 'ridg'; options: ridge"):
+    with pytest.raises(BlockpruneError, match="unknown option 'ridg'; did you mean 'ridge'\\? options: ridge"):
         _compress(ridg=1)
     with pytest.raises(BlockpruneError, match="unknown importance metric 'fidd'; known metrics: block_influence, clip, fid, fit_residual, output_mse"):
         _compress(importance="fidd")

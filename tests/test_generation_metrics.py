@@ -34,17 +34,59 @@ def _pipe():
     return pipe
 
 
+def _skip(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+def _frechet_by_gram(reference, features):
+    """‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁ Σ₂)^½, the last term as the nuclear norm of A₁ A₂ᵀ / (n − 1)."""
+    reference, features = reference.double(), features.double()
+    n = len(reference)
+    a1, a2 = reference - reference.mean(0), features - features.mean(0)
+    cross = torch.linalg.matrix_norm(a1 @ a2.T, ord="nuc")
+    return float(((reference.mean(0) - features.mean(0)) ** 2).sum()
+                 + ((a1**2).sum() + (a2**2).sum() - 2 * cross) / (n - 1))
+
+
 def test_fid_and_clip_score_every_block_from_generated_images():
     pipe = _pipe()
     table = blockprune.importance(pipe, adapter="dit", importance={"fid": 0.5, "clip": 0.5}, progress=False,
                                   calibration_prompts=["a red fox"], calibration_steps=2, cache_dir=False,
                                   metric_options={**OPTIONS, "feature_extractor": TinyExtractor(),
                                                   "clip_scorer": brightness_scorer})
-    fid, clip = table.values["fid"], table.values["clip"]
-    assert set(fid) == set(clip) == {f"transformer_blocks.{i}" for i in range(4)}
-    assert all(v > 0 for v in fid.values())  # every ablation changes the images
-    assert all(0 <= v <= 100 for v in clip.values())
-    assert sorted(table.scores.values())[0] >= -1.0
+    names = [f"transformer_blocks.{i}" for i in range(4)]
+    assert list(table.values["fid"]) == list(table.values["clip"]) == names
+
+    from blockprune import plugins
+
+    generate = plugins.adapters()["dit"].generate
+    prompts, seeds, steps = OPTIONS["generation_prompts"], OPTIONS["generation_seeds"], OPTIONS["generation_steps"]
+    extractor = TinyExtractor()
+    with torch.no_grad():
+        intact = extractor(generate(pipe, prompts, seeds, steps))
+    fid, clip = {}, {}
+    for index, name in enumerate(names):
+        block = pipe.transformer.transformer_blocks[index]
+        block.forward = _skip
+        try:
+            images = generate(pipe, prompts, seeds, steps)
+        finally:
+            del block.forward
+        with torch.no_grad():
+            fid[name] = _frechet_by_gram(intact, extractor(images))
+        clip[name] = float(images.double().mean() * 100)
+    assert table.values["fid"] == pytest.approx(fid, rel=1e-4)
+    assert table.values["clip"] == pytest.approx(clip, rel=1e-5)
+    assert min(fid.values()) > 0
+
+    def quality(column, higher_is_better):
+        low, high = min(column.values()), max(column.values())
+        return {b: (v - low) / (high - low) if higher_is_better else (high - v) / (high - low) for b, v in column.items()}
+
+    fid_quality, clip_quality = quality(fid, False), quality(clip, True)
+    expected = {b: -(0.5 * fid_quality[b] + 0.5 * clip_quality[b]) for b in names}
+    assert table.scores == pytest.approx(expected, abs=1e-4)
+    assert table.order == sorted(names, key=expected.get)
 
 
 def test_feature_extractor_must_return_vectors():

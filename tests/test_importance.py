@@ -70,26 +70,69 @@ def _importance(model=None, **kwargs):
     return model, blockprune.importance(model, **options)
 
 
-def test_block_influence_is_one_minus_cosine():
-    model, table = _importance(importance="block_influence")
-    captured = {}
+class Position(Metric):
+    """The block's place in data-flow order (0, 1, ...), read from the intact model; higher is better."""
 
-    def keep(module, args, kwargs, output):
-        captured["x"], captured["y"] = kwargs["hidden_states"], output
+    name = "position"
+    higher_is_better = True
+    ablates = False
 
-    handle = model.transformer_blocks[1].register_forward_hook(keep, with_kwargs=True)
-    values = []
-    text_values = []
-    for batch in flux_batches(3):
-        with torch.no_grad():
+    def evaluate(self, context, block, state):
+        return float([b.name for b in context.blocks].index(block.name))
+
+
+class PositionPlugin:
+    @blockprune.hookimpl
+    def blockprune_register_metrics(self, register):
+        register(Position())
+
+
+@pytest.fixture
+def position():
+    plugin = PositionPlugin()
+    blockprune.register_plugin(plugin)
+    yield
+    blockprune.unregister_plugin(plugin)
+
+
+def _block_influence_by_hand(model, batches):
+    """Per block: the mean over every text and image token of 1 − cos(block input, block output)."""
+    distances = {}
+
+    def keep(name):
+        def hook(module, args, kwargs, output):
+            text, image = output
+            for x, y in ((kwargs["encoder_hidden_states"], text), (kwargs["hidden_states"], image)):
+                distances.setdefault(name, []).append((1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).reshape(-1))
+
+        return hook
+
+    names = [f"transformer_blocks.{i}" for i in range(2)] + [f"single_transformer_blocks.{i}" for i in range(2)]
+    handles = [model.get_submodule(n).register_forward_hook(keep(n), with_kwargs=True) for n in names]
+    with torch.no_grad():
+        for batch in batches:
             model(**batch)
-        values.append(1 - torch.nn.functional.cosine_similarity(captured["x"], captured["y"][1], dim=-1))
-    handle.remove()
-    image = torch.cat(values).reshape(-1)
-    got = table.values["block_influence"]["transformer_blocks.1"]
-    assert 0 < got < 2
-    # token-weighted over text and image streams; the image stream alone must be on the same scale
-    assert abs(got - float(image.mean())) < 0.5
+    for handle in handles:
+        handle.remove()
+    return {name: float(torch.cat(distances[name]).mean()) for name in names}
+
+
+def test_block_influence_is_one_minus_cosine_and_scores_combine_as_weighted_min_max_qualities(position):
+    model, table = _importance(importance={"block_influence": 3, "position": 1})
+    influence = _block_influence_by_hand(model, flux_batches(3))
+    assert table.blocks == list(influence)
+    assert table.values["block_influence"] == pytest.approx(influence, rel=1e-5)
+    assert table.values["position"] == {name: float(i) for i, name in enumerate(influence)}
+    assert table.weights == {"block_influence": 0.75, "position": 0.25}
+
+    low, high = min(influence.values()), max(influence.values())
+    expected = {}
+    for i, name in enumerate(influence):
+        influence_quality = 1 - (influence[name] - low) / (high - low)
+        position_quality = i / 3
+        expected[name] = -(0.75 * influence_quality + 0.25 * position_quality)
+    assert table.scores == pytest.approx(expected, rel=1e-5)
+    assert table.order == sorted(expected, key=expected.get)
 
 
 def test_fit_residual_matches_the_fit_that_compress_makes():
@@ -194,5 +237,5 @@ def test_clip_without_a_scorer_explains_how_to_give_one():
 def test_bad_ablation_and_rescore():
     with pytest.raises(BlockpruneError, match="unknown ablation 'drop'"):
         _importance(ablation="drop")
-    with pytest.raises(BlockpruneError, match="rescore must be 'once' or 'each'"):
+    with pytest.raises(BlockpruneError, match="unknown rescore 'always'; use one of 'once', 'each'"):
         _importance(rescore="always")

@@ -48,7 +48,7 @@ def test_in_process_plugin_adapter_compresses_a_custom_model(tinynet_plugin):
     assert plan.adapter == "tinynet"  # picked by adapter="auto"
     assert len(plan.replaced) == 2
     assert sum(isinstance(m, blockprune.LinearSurrogate) for m in model.layers) == 2
-    assert plugins.plugin_contents()["tinynet-plugin"] == {"adapters": ["tinynet"], "metrics": []}
+    assert plugins.plugin_contents()["tinynet-plugin"] == {"adapters": ["tinynet"], "metrics": [], "surrogates": []}
 
 
 def test_unregistered_plugin_is_gone(tinynet_plugin):
@@ -111,3 +111,70 @@ def test_entry_point_plugins_load_unless_disabled(tmp_path):
     assert "'thirdparty'" in _adapters_in_subprocess(tmp_path, disable=False)
     disabled = _adapters_in_subprocess(tmp_path, disable=True)
     assert "'thirdparty'" not in disabled and "'flux'" in disabled
+
+
+class HalfLinear(blockprune.SurrogateKind):
+    """The least-squares maps scaled by one half: a kind no built-in provides."""
+
+    name = "half_linear"
+    trainable = False
+
+    def build(self, model, block, batches, ridge, device):
+        surrogate, reports = plugins.get_surrogate("linear").build(model, block, batches, ridge, device)
+        for linear in surrogate.linears.values():
+            linear.weight.data.mul_(0.5)
+            linear.bias.data.mul_(0.5)
+        return surrogate, reports
+
+
+class HalfLinearPlugin:
+    @blockprune.hookimpl
+    def blockprune_register_surrogates(self, register):
+        register(HalfLinear())
+
+
+def test_a_plugin_surrogate_kind_is_used_by_compress(tinynet_plugin):
+    plugin = HalfLinearPlugin()
+    blockprune.register_plugin(plugin, name="half-plugin")
+    try:
+        assert plugins.plugin_contents()["half-plugin"]["surrogates"] == ["half_linear"]
+        fitted, halved = TinyResidualNet(depth=4), TinyResidualNet(depth=4)
+        halved.load_state_dict(fitted.state_dict())
+        options = {"ratio": 0.5, "order": "start2end", "calibration": residual_net_batches(4), "progress": False}
+        blockprune.compress(fitted, surrogate="linear", sandwich=False, **options)
+        blockprune.compress(halved, surrogate="half_linear", sandwich=False, **options)
+        assert blockprune.plan(halved).surrogate == "half_linear"
+        trained = TinyResidualNet(depth=4)
+        blockprune.compress(trained, surrogate="half_linear", **options)  # not trainable: sandwich leaves it so
+        stages = blockprune.plan(trained).stages
+        assert len(stages) == 2 and all(stage.trained_surrogates == [] for stage in stages)
+        first = blockprune.plan(fitted).replaced_names[0]
+        got, full = halved.get_submodule(first).linears["x"], fitted.get_submodule(first).linears["x"]
+        assert got.weight.allclose(0.5 * full.weight) and got.bias.allclose(0.5 * full.bias)
+    finally:
+        blockprune.unregister_plugin(plugin)
+    with pytest.raises(BlockpruneError, match="unknown surrogate 'half_linear'; use one of 'identity', 'linear'"):
+        blockprune.compress(TinyResidualNet(depth=4), calibration=residual_net_batches(4), surrogate="half_linear")
+
+
+def test_a_misspelled_hook_is_an_error_and_the_plugin_is_not_kept():
+    class Misspelled:
+        @blockprune.hookimpl
+        def blockprune_register_adapter(self, register):  # no such hook: the hooks end in "adapters"
+            register(TinyNetAdapter())
+
+    plugin = Misspelled()
+    with pytest.raises(BlockpruneError, match="blockprune_register_adapter.*fix the hook's name"):
+        blockprune.register_plugin(plugin, name="misspelled")
+    assert "misspelled" not in plugins.plugin_contents()
+
+
+def test_import_blockprune_neither_imports_nor_registers_the_toy_package():
+    code = ("import sys, blockprune; print(sorted(m for m in sys.modules if m.startswith('blockprune.toy')));"
+            "from blockprune import plugins; print('toy_fidelity' in plugins.metrics())")
+    env = {**os.environ, "BLOCKPRUNE_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert lines == ["[]", "False"]
+    assert set(plugins.plugin_contents()["blockprune.toy.metrics"]["metrics"]) == {
+        "toy_fidelity", "toy_accuracy", "toy_frechet"}  # installed: it loads as an entry-point plugin

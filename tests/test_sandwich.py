@@ -240,7 +240,7 @@ def test_train_surrogates_false_keeps_the_least_squares_fit():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"surrogate": "zero"}, "unknown surrogate 'zero'; use one of linear, identity"),
+    ({"surrogate": "zero"}, "unknown surrogate 'zero'; use one of 'identity', 'linear'"),
     ({"sandwich_train_surrogates": "no"}, "sandwich_train_surrogates must be True or False"),
 ])
 def test_bad_surrogate_options(options, message):

@@ -1,5 +1,6 @@
 """save_pretrained / from_pretrained: files, exact round trip, meta device, bad folders."""
 
+import copy
 import json
 
 import pytest
@@ -11,6 +12,7 @@ import blockprune
 from blockprune import LinearSurrogate
 from blockprune.errors import BlockpruneError
 from blockprune.runtime.forward import output_tensor
+from blockprune.toy import calibration_batches
 
 
 def _compressed(name="flux", ratio=0.5):
@@ -84,6 +86,11 @@ def test_dtype_and_device_options(tmp_path):
     blockprune.save_pretrained(model, tmp_path)
     loaded = blockprune.from_pretrained(tmp_path, torch_dtype=torch.bfloat16, device="cpu")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert {t.device for t in [*loaded.parameters(), *loaded.buffers()]} == {torch.device("cpu")}
+    cast = copy.deepcopy(model).to(torch.bfloat16)
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in held_out[0].items()}
+    with torch.no_grad():
+        assert torch.equal(output_tensor(loaded(**batch)), output_tensor(cast(**batch)))
 
 
 def test_sharded_round_trip(tmp_path):
@@ -131,15 +138,29 @@ def test_saving_a_run_without_sandwich_stages_removes_an_earlier_runs_stages(tmp
 
 
 def test_pipeline_round_trip_into_a_pipeline_slot(tmp_path):
-    model, held_out = _compressed("flux")
-    blockprune.save_pretrained(model, tmp_path)
+    from test_toy_pipeline import tiny_toy_pipeline
 
-    class Holder:
-        transformer = None
+    pipe = tiny_toy_pipeline("flux")
+    blockprune.compress(pipe, adapter="flux", ratio=0.5, calibration=calibration_batches(pipe, 4, batch_size=2),
+                        sandwich=False, progress=False, order="start2end")
+    blockprune.save_pretrained(pipe, tmp_path)
 
-    holder = Holder()
-    holder.transformer = blockprune.from_pretrained(tmp_path)
-    assert blockprune.plan(holder).replaced_names == ["transformer_blocks.0", "transformer_blocks.1"]
+    fresh = tiny_toy_pipeline("flux")
+    untouched = fresh.transformer
+    fresh.transformer = blockprune.from_pretrained(tmp_path, device="cpu")
+    assert fresh.device == torch.device("cpu")
+    assert {t.device for t in [*fresh.transformer.parameters(), *fresh.transformer.buffers()]} == {torch.device("cpu")}
+    assert blockprune.plan(fresh).replaced_names == ["transformer_blocks.0", "transformer_blocks.1"]
+    assert all(isinstance(fresh.transformer.get_submodule(n), LinearSurrogate) for n in blockprune.plan(fresh).replaced_names)
+
+    def images(pipeline):
+        return pipeline(["a red circle", "two blue squares"], num_inference_steps=2,
+                        generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+
+    expected = images(pipe)
+    assert torch.equal(images(fresh), expected)
+    fresh.transformer = untouched
+    assert not torch.allclose(images(fresh), expected, atol=1e-3)
 
 
 def test_folder_not_written_by_blockprune(tmp_path):

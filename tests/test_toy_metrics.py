@@ -13,7 +13,7 @@ from blockprune.toy import evaluation_prompts
 TOY_METRICS = {"toy_fidelity", "toy_accuracy", "toy_frechet"}
 
 
-def test_toy_metrics_are_registered_by_the_builtin_plugin():
+def test_toy_metrics_are_registered_by_their_entry_point_plugin():
     assert TOY_METRICS <= set(plugins.metrics())
     assert set(plugins.plugin_contents()["blockprune.toy.metrics"]["metrics"]) == TOY_METRICS
 

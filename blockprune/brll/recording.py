@@ -82,7 +82,6 @@ def record_block(
     Accumulators live on ``device`` (default: the model's device, where its first parameter is). With ``stop_early`` the forward stops
     right after the block, since nothing downstream is needed.
     """
-    module = model.get_submodule(block.name)
     if device is None:
         device = model_device(model)
     accumulators = {s: StreamAccumulator(d, device) for s, d in block.stream_dims.items()}

@@ -1,4 +1,4 @@
-"""Fitting a block's linear surrogate on the model as it is now, and swapping it in."""
+"""Surrogate kinds (registered through ``blockprune_register_surrogates``) and swapping a block for one."""
 
 from __future__ import annotations
 
@@ -7,16 +7,12 @@ from typing import Any
 from torch import nn
 
 from ..discovery.flops import affine_flops
-from ..discovery.resolve import set_submodule
 from ..discovery.spec import Block
-from ..errors import BlockpruneError
+from ..hookspecs import hookimpl
 from ..plan import ReplacedBlock, StreamReport
 from .fit import fit_affine
 from .recording import record_block
 from .surrogate import LinearSurrogate
-
-SURROGATES = ("linear", "identity")
-
 
 
 def fit_surrogate(
@@ -45,6 +41,51 @@ def identity_surrogate(model: nn.Module, block: Block) -> tuple[LinearSurrogate,
     return surrogate, reports
 
 
+class SurrogateKind:
+    """A kind of stand-in for a replaced block; ``compress(surrogate=name)`` picks one by its ``name``.
+
+    :meth:`build` returns a :class:`LinearSurrogate` (which ``from_pretrained`` rebuilds from its weights)
+    and its per-stream fit reports. ``trainable`` says whether sandwich training may train its maps.
+    """
+
+    name: str = ""
+    trainable: bool = True
+
+    def build(
+        self, model: nn.Module, block: Block, batches: list[dict[str, Any]], ridge: float, device: Any
+    ) -> tuple[LinearSurrogate, dict[str, StreamReport]]:
+        """The surrogate for ``block`` of ``model`` (as it is now), fitted on ``batches`` if the kind fits."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class LinearKind(SurrogateKind):
+    """BRLL: ``Y = X + W X + b`` per stream, fitted by least squares."""
+
+    name = "linear"
+
+    def build(self, model, block, batches, ridge, device):
+        return fit_surrogate(model, block, batches, ridge, device)
+
+
+class IdentityKind(SurrogateKind):
+    """``Y = X``: the block deleted, the baseline BRLL is compared with; sandwich training leaves it so."""
+
+    name = "identity"
+    trainable = False
+
+    def build(self, model, block, batches, ridge, device):
+        return identity_surrogate(model, block)
+
+
+@hookimpl
+def blockprune_register_surrogates(register) -> None:
+    register(LinearKind())
+    register(IdentityKind())
+
+
 def replace_block(
     model: nn.Module,
     block: Block,
@@ -53,12 +94,9 @@ def replace_block(
     device: Any = None,
     surrogate: str = "linear",
 ) -> ReplacedBlock:
-    """Put a surrogate in ``block``'s place: fitted on the model as it is now (``"linear"``) or ``Y = X`` (``"identity"``)."""
-    if surrogate not in SURROGATES:
-        raise BlockpruneError(f"unknown surrogate {surrogate!r}; use one of {', '.join(SURROGATES)}")
-    if surrogate == "identity":
-        module, reports = identity_surrogate(model, block)
-    else:
-        module, reports = fit_surrogate(model, block, batches, ridge, device)
-    set_submodule(model, block.name, module)
+    """Put a surrogate of kind ``surrogate`` in ``block``'s place, built on the model as it is now."""
+    from .. import plugins
+
+    module, reports = plugins.get_surrogate(surrogate).build(model, block, batches, ridge, device)
+    model.set_submodule(block.name, module)
     return ReplacedBlock(block.name, block.kind, block.spec.to_dict(), reports)

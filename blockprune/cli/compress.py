@@ -7,7 +7,7 @@ import time
 from dataclasses import fields
 
 from ..compress import ORDERS, compress
-from ..config import TARGETS, SandwichConfig, option_names
+from ..config import TARGETS, SandwichConfig, sandwich_option_names
 from ..plan import plan
 from ..report import output_console, print_plan
 from ..serialization import save_pretrained
@@ -46,7 +46,7 @@ def add_sandwich_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sandwich", action=argparse.BooleanOptionalAction, default=None,
                        help="sandwich training after each replacement (default: compress()'s, on)")
     defaults = SandwichConfig()
-    for field, name in zip(fields(SandwichConfig), option_names()):
+    for field, name in zip(fields(SandwichConfig), sandwich_option_names()):
         default = getattr(defaults, field.name)
         flag = "--" + name.replace("_", "-")
         text = SANDWICH_HELP[field.name] + ("" if default is None or isinstance(default, bool) else f" (default {default})")
@@ -77,9 +77,17 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
     parser.add_argument("--ratio", type=float, default=0.2, help="share of blocks to replace (default 0.2)")
     parser.add_argument("--order", default="importance",
                         help=f"replacement order: {', '.join(ORDERS)}, or comma-separated block names (default importance)")
-    parser.add_argument("--surrogate", choices=("linear", "identity"),
-                        help="linear: fitted by least squares (BRLL, default); identity: Y = X, the blocks deleted "
-                        "(a baseline to compare with)")
+    parser.add_argument("--surrogate", metavar="KIND",
+                        help="a registered surrogate kind: linear, fitted by least squares (BRLL, default); identity, "
+                        "Y = X, the blocks deleted (a baseline to compare with); or a plugin's")
+    parser.add_argument("--auto-held-out", dest="auto_held_out", type=float, metavar="X",
+                        help="importance auto: share of the calibration batches kept out to check each candidate "
+                        "plan (default 0.25)")
+    parser.add_argument("--auto-refine", dest="auto_refine", type=int, metavar="N",
+                        help="importance auto: rounds of greedy block swaps after the best candidate (default 1)")
+    parser.add_argument("--auto-check", dest="auto_check", choices=("auto", "images", "outputs"),
+                        help="importance auto: check candidates on sampled images (with a pipeline: the default) or "
+                        "on one-step outputs of held-out batches")
     parser.add_argument("--rescore", choices=("once", "each"),
                         help="score blocks once (the paper) or again after each replacement (default once)")
     parser.add_argument("--reuse-from", dest="reuse_from", metavar="DIR",

@@ -9,12 +9,11 @@ from rich.table import Table
 
 from .. import plugins
 from ..calibration import bundled_prompts, record_pipeline_calibration
-from ..config import OPTIONS
+from ..config import defaults
 from ..discovery.flops import count_flops, count_parameters
 from ..discovery.inspection import BlockInfo, inspect
 from ..plan import PLAN_ATTRIBUTE, plan, transformer_of
-from ..report import _count as format_count
-from ..report import output_console, plan_table
+from ..report import format_count, output_console, plan_table, selection_table
 from .options import add_calibration_arguments, add_model_arguments, load_model
 
 
@@ -55,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     console = output_console()
     if hasattr(transformer, PLAN_ATTRIBUTE):
         console.print(plan_table(plan(transformer)))
+        if plan(transformer).selection:
+            console.print(selection_table(plan(transformer)))
         if loaded.batches is None:
             console.print("pass --calibration FILE to list its blocks as well")
             return 0
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if loaded.batches is not None:
         batch = loaded.batches[0]
     else:
-        steps = args.calibration_steps or OPTIONS["calibration_steps"]
+        steps = args.calibration_steps or defaults()["calibration_steps"]
         batch = record_pipeline_calibration(loaded.model, adapter, (loaded.prompts or bundled_prompts())[:1], steps, 1)[0]
     blocks = inspect(transformer, adapter.name, batch)
     console.print(blocks_table(blocks, count_parameters(transformer), count_flops(transformer, batch), adapter.name))

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..calibration import read_prompts
-from ..config import OPTIONS
+from ..config import defaults, option_names
 from ..errors import BlockpruneError
 from ..toy.small_models import SMALL_MODELS
 from .sources import (
@@ -56,9 +56,9 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calibration-batches", type=int, default=CALIBRATION_BATCHES, metavar="N",
                        help=f"batches a small model's calibration builder makes (default {CALIBRATION_BATCHES})")
     group.add_argument("--calibration-steps", type=int, metavar="N",
-                       help=f"denoising steps per prompt when recording (default {OPTIONS['calibration_steps']})")
+                       help=f"denoising steps per prompt when recording (default {defaults()['calibration_steps']})")
     group.add_argument("--steps-per-prompt", type=int, metavar="N",
-                       help=f"transformer calls kept per prompt (default {OPTIONS['steps_per_prompt']})")
+                       help=f"transformer calls kept per prompt (default {defaults()['steps_per_prompt']})")
     group.add_argument("--seed", type=int, default=0, help="seed of the calibration builder and of compress (default 0)")
 
 
@@ -67,11 +67,12 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("importance scoring")
     group.add_argument("--importance", default="fit_residual", metavar="METRICS",
                        help="a metric, several comma-separated (equal weights) or name=weight pairs, e.g. "
-                       "fid=0.5,clip=0.5 (default fit_residual); see 'blockprune plugins' for the metrics")
+                       "fid=0.5,clip=0.5 (default fit_residual), or for compress 'auto' (candidate plans checked on "
+                       "held-out calibration); see 'blockprune plugins' for the metrics")
     group.add_argument("--ablation", choices=("remove", "replace"),
-                       help=f"how a block is ablated for scoring (default {OPTIONS['ablation']})")
+                       help=f"how a block is ablated for scoring (default {defaults()['ablation']})")
     group.add_argument("--score-batches", type=int, metavar="N", help="calibration batches used for scoring (default all)")
-    group.add_argument("--ridge", type=float, help=f"ridge term of the least-squares fit (default {OPTIONS['ridge']})")
+    group.add_argument("--ridge", type=float, help=f"ridge term of the least-squares fit (default {defaults()['ridge']})")
     group.add_argument("--cache-dir", metavar="DIR",
                        help="importance score cache (default $BLOCKPRUNE_CACHE_DIR or ~/.cache/blockprune)")
     group.add_argument("--no-cache", action="store_true", help="do not read or write the score cache")
@@ -98,10 +99,10 @@ def parse_importance(text: str) -> str | list[str] | dict[str, float]:
     return weights
 
 
-def run_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``blockprune.compress.OPTIONS`` given on the command line (each argument's dest is the option's name;
+def option_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword options of ``compress`` given on the command line (each argument's dest is the option's name;
     options not given keep their defaults)."""
-    options = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
+    options = {name: getattr(args, name) for name in option_names() if getattr(args, name, None) is not None}
     if getattr(args, "no_cache", False):
         options["cache_dir"] = False
     metric_options = {
@@ -166,7 +167,7 @@ def load_for_run(args: argparse.Namespace) -> tuple[Loaded, dict[str, Any]]:
     (those given on the command line, and the prompts to record calibration from)."""
     loaded = load_model(args)
     loaded.check_calibration()
-    return loaded, {**run_options(args), **loaded.calibration_options()}
+    return loaded, {**option_values(args), **loaded.calibration_options()}
 
 
 def place(model: Any, device: str, offload: bool) -> None:

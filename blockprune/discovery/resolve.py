@@ -12,13 +12,6 @@ from .spec import Block, BlockSpec
 from .trace import CallRecord, trace_model
 
 
-def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    """Put ``module`` at dotted ``path`` inside ``model`` (list indices included)."""
-    parent_path, _, last = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, last, module)
-
-
 def stream_shapes(name: str, spec: BlockSpec, record: CallRecord) -> dict[str, tuple[int, ...]]:
     """Each stream's shape, after checking that the block returns every stream at its input shape."""
     if isinstance(spec.outputs, str):

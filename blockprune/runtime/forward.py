@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -41,14 +42,22 @@ def check_batch_keys(model: nn.Module, batch: Mapping[str, Any], index: int) -> 
         )
 
 
-def to_device(value: Any, device: torch.device) -> Any:
-    """Move every tensor inside ``value`` (dicts, lists and tuples included) to ``device``."""
+def to_device(value: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
+    """``value`` with every tensor detached and moved to ``device``, inside dicts, lists, tuples and dataclass
+    instances (rebuilt with :func:`dataclasses.replace` from their init fields); a tensor found in several places
+    is moved once, and stays shared (``memo`` maps the ids of tensors already moved to their copies)."""
+    memo = {} if memo is None else memo
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        if id(value) not in memo:
+            memo[id(value)] = value.detach().to(device)
+        return memo[id(value)]
     if isinstance(value, Mapping):
-        return {k: to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device, memo) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(to_device(v, device) for v in value)
+        return type(value)(to_device(v, device, memo) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: to_device(getattr(value, f.name), device, memo) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **fields)
     return value
 
 

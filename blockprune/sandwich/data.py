@@ -16,7 +16,7 @@ from torch import nn
 from ..brll.recording import stream_pairs
 from ..discovery.signature import bind_inputs
 from ..discovery.spec import Block
-from ..runtime.forward import StopForward, forward_batch
+from ..runtime.forward import StopForward, forward_batch, to_device
 from ..runtime.hooks import attached
 
 
@@ -40,22 +40,6 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
-def moved(value: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
-    """``value`` with every tensor moved to ``device``; a tensor shared between places is moved once."""
-    memo = {} if memo is None else memo
-    if isinstance(value, torch.Tensor):
-        if id(value) not in memo:
-            memo[id(value)] = value.detach().to(device)
-        return memo[id(value)]
-    if isinstance(value, SpanSample):
-        return SpanSample(moved(value.inputs, device, memo), moved(value.contexts, device, memo))
-    if isinstance(value, Mapping):
-        return {k: moved(v, device, memo) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(moved(v, device, memo) for v in value)
-    return value
-
-
 class ActivationStore:
     """A list of recorded items on CPU: in RAM up to ``budget`` bytes, then as shard files in ``folder``
     (a temporary folder by default)."""
@@ -69,7 +53,7 @@ class ActivationStore:
 
     def append(self, item: Any) -> None:
         """Keep ``item`` (moved to CPU)."""
-        item = moved(item, "cpu")
+        item = to_device(item, "cpu")
         size = _nbytes(item)
         if self.in_memory + size <= self.budget:
             self.items.append(item)

@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..brll.surrogate import LinearSurrogate
-from ..discovery.resolve import set_submodule
 from ..discovery.spec import Block
 from ..errors import BlockpruneError
 from ..plan import StageLog
@@ -122,7 +121,7 @@ def assemble(model: nn.Module, blocks: list[Block], count: int, reuse_from: Any)
         state = {k[len("linears."):] if k.startswith("linears.") else k: v for k, v in finals[name].items()}
         for stream in block.spec.streams:
             surrogate.set_affine(stream, state[f"{stream}.weight"], state[f"{stream}.bias"])
-        set_submodule(model, name, surrogate)
+        model.set_submodule(name, surrogate)
     with torch.no_grad():
         for stage_lora in log.lora[:count]:
             for block_name, modules in stage_lora.items():

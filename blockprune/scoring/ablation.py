@@ -10,7 +10,6 @@ from torch import nn
 
 from ..brll.replacement import fit_surrogate
 from ..brll.surrogate import LinearSurrogate
-from ..discovery.resolve import set_submodule
 from ..discovery.spec import Block
 from ..errors import BlockpruneError
 from .base import Metric, ScoringContext
@@ -31,11 +30,11 @@ def ablated(
         stand_in, _ = fit_surrogate(model, block, batches or [], ridge)
     else:
         raise BlockpruneError(f"unknown ablation {mode!r}; use one of {', '.join(ABLATIONS)}")
-    set_submodule(model, block.name, stand_in)
+    model.set_submodule(block.name, stand_in)
     try:
         yield
     finally:
-        set_submodule(model, block.name, original)
+        model.set_submodule(block.name, original)
 
 
 def score_blocks(

@@ -27,10 +27,3 @@ def cache_key(metric: Metric, context: ScoringContext, common: dict[str, Any]) -
     if not metric.ablates:
         payload.pop("ablation")
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:40]
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

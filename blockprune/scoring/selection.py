@@ -13,12 +13,13 @@ from rich.table import Table
 
 from ..discovery.spec import Block
 from ..runtime import distributed
+from ..runtime.atomic import write_atomically
 from ..runtime.fingerprint import data_fingerprint, model_fingerprint
 from . import Metric, ScoringContext, combine_scores, resolve_metrics, score_blocks
-from .cache import cache_directory, cache_key, write_text_atomically
+from .cache import cache_directory, cache_key
 
 if TYPE_CHECKING:
-    from ..compress import Run
+    from ..run import Run
 
 
 @dataclass
@@ -31,6 +32,8 @@ class ImportanceTable:
     scores: dict[str, float]
     ablation: str
     cached: list[str]
+    # with importance="auto": each candidate plan's validated error and the one chosen (see scoring.auto)
+    selection: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form."""
@@ -103,7 +106,8 @@ def compute_scores(
         values.update(_score_split_by_block(context, missing, ablation, on_block))
         for name in missing:
             if name in keys and distributed.is_main():
-                write_text_atomically(keys[name], json.dumps({"metric": name, "values": values[name]}))
+                keys[name].parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(keys[name], json.dumps({"metric": name, "values": values[name]}).encode())
     ordered = {name: values[name] for name in metrics}
     return ImportanceTable(names, ordered, dict(weights), combine_scores(ordered, weights, metrics), ablation,
                            sorted(set(metrics) - set(missing)))
@@ -112,13 +116,13 @@ def compute_scores(
 def score_run(run: Run, importance: Any, blocks: list[Block] | None = None, bars: Any = None) -> ImportanceTable:
     """Score ``blocks`` (default: all) of a prepared run."""
     weights, metrics = resolve_metrics(importance)
-    ablation = run.options["ablation"]
+    ablation = run.config.scoring.ablation
     context = ScoringContext(run.transformer, run.adapter, blocks if blocks is not None else run.blocks,
                              run.scoring_batches, run.pipeline, run.metric_options)
     on_block = None
     if bars is not None:
         task = bars.add_task("scoring blocks", total=len(context.blocks))
         on_block = lambda block: bars.advance(task)  # noqa: E731
-    return compute_scores(context, weights, metrics, ablation, cache_directory(run.options["cache_dir"]), on_block)
+    return compute_scores(context, weights, metrics, ablation, cache_directory(run.config.scoring.cache_dir), on_block)
 
 

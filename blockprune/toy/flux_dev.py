@@ -11,7 +11,6 @@ from torch import nn
 from .. import plugins
 from ..brll.surrogate import LinearSurrogate
 from ..discovery.flops import count_flops
-from ..discovery.resolve import set_submodule
 from ..errors import BlockpruneError
 from .demo import flux_batches
 
@@ -74,7 +73,7 @@ def replace_with_surrogates(model: nn.Module, names: Iterable[str]) -> None:
         block = model.get_submodule(name)
         spec = adapter.block_spec(name, block)
         surrogate = LinearSurrogate.for_block(block, spec, dict.fromkeys(spec.streams, model.inner_dim))
-        set_submodule(model, name, surrogate)
+        model.set_submodule(name, surrogate)
 
 
 def flux_flops(

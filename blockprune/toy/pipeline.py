@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import BlockpruneError
 from ..plan import PLAN_ATTRIBUTE
+from ..runtime.forward import model_device
 from .dataset import sample_batch
 from .models import (
     ToyConfig,
@@ -74,7 +75,7 @@ class ToyPipeline:
     @property
     def device(self) -> torch.device:
         """Where the transformer's weights are."""
-        return next(self.transformer.parameters()).device
+        return model_device(self.transformer)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BlockpruneError
+from .pipeline import WEIGHTS_DIR, weight_files
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,11 @@ SMALL_MODELS: dict[str, SmallModel] = {
         _random_flux_calibration,
     ),
 }
-TOY_MODELS = {"flux-small": "flux", "sd3-small": "sd3"}  # trained on the toy shapes dataset (blockprune.toy)
-TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
+TOY_MODELS = {"flux-small": "flux", "sd3-small": "sd3", "flux-deep": "flux"}  # trained on the toy shapes dataset (blockprune.toy)
 
 
-def toy_small_models(directory: str | Path = TOY_WEIGHTS) -> dict[str, SmallModel]:
+def toy_small_models(directory: str | Path = WEIGHTS_DIR) -> dict[str, SmallModel]:
     """Entries for the trained toy models whose weight files are in ``directory`` (none before training)."""
-    from .pipeline import weight_files
 
     found = {}
     for name, adapter in TOY_MODELS.items():

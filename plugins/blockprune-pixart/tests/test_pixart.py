@@ -48,7 +48,7 @@ def test_installed_entry_point_registers_the_adapter():
     names = {ep.name: ep.value for ep in entry_points(group="blockprune")}
     assert names.get("pixart") == "blockprune_pixart"
     assert isinstance(plugins.adapters()["pixart"], PixArtAdapter)
-    assert plugins.plugin_contents()["pixart"] == {"adapters": ["pixart"], "metrics": []}
+    assert plugins.plugin_contents()["pixart"] == {"adapters": ["pixart"], "metrics": [], "surrogates": []}
 
 
 def test_auto_picks_the_plugin_and_finds_four_single_stream_blocks():

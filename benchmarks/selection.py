@@ -1,0 +1,138 @@
+"""Block selection on the project's trained models: every built-in signal against ``importance="auto"``.
+
+    python benchmarks/selection.py --model flux-small --seed 0            # LS only, 10 / 20 / 30 %, JSON out
+    python benchmarks/selection.py --model flux-deep --seed 0 --sandwich  # with sandwich training too
+    python benchmarks/selection.py --quick --output /tmp/s                # CPU smoke run (tiny counts)
+
+Each row compresses a copy of the model with one way of choosing blocks (the fixed orders, each built-in
+forward metric, ``output_mse`` with ``ablation="replace"``, and ``auto``), then samples the same prompts and
+noise as the unpruned model: teacher PSNR / SSIM, attribute accuracy, the checker's Fréchet distance, and the
+compress wall time. ``auto`` also reports every candidate's held-out output error. A table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import blockprune  # noqa: E402
+from blockprune.runtime.forward import to_device  # noqa: E402
+from blockprune.toy import (  # noqa: E402
+    ToyPipeline,
+    attribute_accuracy,
+    calibration_batches,
+    checker_frechet_distance,
+    dataset_images,
+    evaluation_prompts,
+    generate,
+    teacher_fidelity,
+)
+
+ADAPTER = {"flux-small": "flux", "sd3-small": "sd3", "flux-deep": "flux"}
+SIGNALS = {  # label -> compress options
+    "start2end": {"order": "start2end"},
+    "end2start": {"order": "end2start"},
+    "fit_residual": {"importance": "fit_residual"},
+    "output_mse": {"importance": "output_mse"},
+    "output_mse/replace": {"importance": "output_mse", "ablation": "replace"},
+    "block_influence": {"importance": "block_influence"},
+    "auto": {"importance": "auto"},
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(ADAPTER), default="flux-small")
+    parser.add_argument("--seed", type=int, default=0, help="calibration seed of this run")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    parser.add_argument("--sandwich", action="store_true", help="also run every row with sandwich training")
+    parser.add_argument("--calibration", type=int, default=32, help="calibration batches (default 32)")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per calibration batch (default 8)")
+    parser.add_argument("--prompts", type=int, default=128, help="evaluation prompts (default 128)")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "docs/results/selection")))
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny counts")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.calibration, args.batch_size, args.prompts, args.steps, args.ratios = 6, 2, 4, 2, [0.2]
+    return args
+
+
+def run_row(pipe, label, ratio, sandwich, calibration, args) -> tuple[ToyPipeline, dict]:
+    model = copy.deepcopy(pipe)
+    options = {"sandwich_steps": 3 if args.quick else 100, **SIGNALS[label]}
+    started = time.perf_counter()
+    blockprune.compress(model, adapter=ADAPTER[args.model], ratio=ratio, calibration=calibration, seed=args.seed,
+                        sandwich=sandwich, progress=False, cache_dir=False, **options)
+    plan = blockprune.plan(model)
+    return model, {"blocks": plan.replaced_names, "compress_s": time.perf_counter() - started,
+                   "selection": plan.selection or None}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    torch.manual_seed(args.seed)
+    pipe = ToyPipeline.from_pretrained(args.model).to(args.device)
+    calibration = to_device(calibration_batches(pipe, args.calibration, seed=1000 + args.seed,
+                                                batch_size=args.batch_size), pipe.device)
+    prompts = evaluation_prompts(args.prompts, "train", seed=30_000)
+    seeds = list(range(30_000, 30_000 + args.prompts))
+    teacher = generate(pipe, prompts, seeds, args.steps)
+    reference = dataset_images(prompts, seed=30_000)
+    rows = []
+    for sandwich in (False, True) if args.sandwich else (False,):
+        for ratio in args.ratios:
+            for label in SIGNALS:
+                model, row = run_row(pipe, label, ratio, sandwich, calibration, args)
+                images = generate(model, prompts, seeds, args.steps)
+                row.update({"model": args.model, "seed": args.seed, "ratio": ratio, "sandwich": sandwich,
+                            "label": label, **teacher_fidelity(images, teacher), **attribute_accuracy(images, prompts),
+                            "frechet": checker_frechet_distance(images, reference)})
+                rows.append(row)
+                print(f"{args.model} {ratio:.0%} {'ST' if sandwich else 'LS'} {label:<20} psnr {row['psnr']:6.2f} "
+                      f"acc {row['accuracy']:.3f} {row['compress_s']:6.1f} s", flush=True)
+                del model
+            write_json(args, rows)  # after each ratio, so a run cut short keeps what it finished
+    return rows
+
+
+def write_json(args: argparse.Namespace, rows: list[dict]) -> None:
+    args.output.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    payload = {"model": args.model, "seed": args.seed, "device": device, "calibration": args.calibration,
+               "batch_size": args.batch_size, "prompts": args.prompts, "steps": args.steps, "rows": rows}
+    (args.output / f"selection-{args.model}-seed{args.seed}.json").write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'model':<10} {'ratio':>5} {'ST':>3} {'signal':<20} {'PSNR':>6} {'SSIM':>6} {'acc':>6} {'frechet':>8} "
+          f"{'s':>6} {'auto - best (dB)':>16}")
+    for row in rows:
+        group = [r for r in rows if r["ratio"] == row["ratio"] and r["sandwich"] == row["sandwich"]]
+        best = max(r["psnr"] for r in group if r["label"] != "auto")
+        gap = f"{row['psnr'] - best:+.2f}" if row["label"] == "auto" else ""
+        print(f"{row['model']:<10} {row['ratio']:>5.0%} {'y' if row['sandwich'] else 'n':>3} {row['label']:<20} "
+              f"{row['psnr']:6.2f} {row['ssim']:6.3f} {row['accuracy']:6.3f} {row['frechet']:8.4f} "
+              f"{row['compress_s']:6.1f} {gap:>16}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.enable_cudnn_sdp(False)  # its bf16 backward fails on these shapes (sandwich training)
+    rows = run(args)
+    print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""A run: one ``compress`` or ``importance`` call's model, adapter, calibration batches, blocks and config."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import plugins
+from .adapter import Adapter
+from .calibration import (
+    bundled_prompts,
+    prepare_calibration,
+    record_pipeline_calibration,
+)
+from .config import CompressConfig
+from .discovery.resolve import resolve_blocks
+from .discovery.spec import Block
+from .errors import BlockpruneError
+from .plan import transformer_of
+from .runtime.offload import Offload
+
+
+@dataclass
+class Run:
+    """A model made ready for scoring or compression."""
+
+    transformer: nn.Module
+    pipeline: Any
+    adapter: Adapter
+    batches: list[dict[str, Any]]
+    blocks: list[Block]
+    config: CompressConfig
+    offload: Offload | None = None
+
+    @property
+    def scoring_batches(self) -> list[dict[str, Any]]:
+        """The first ``score_batches`` calibration batches (all by default)."""
+        count = self.config.scoring.score_batches
+        return self.batches[:count] if count else self.batches
+
+    @property
+    def metric_options(self) -> dict[str, Any]:
+        """Options handed to metrics (the ridge included, for ``replace`` ablations and ``fit_residual``)."""
+        return {**(self.config.scoring.metric_options or {}), "ridge": self.config.ridge}
+
+
+def prepare_run(
+    model: Any,
+    adapter: str,
+    calibration: Any,
+    device: str | torch.device | None,
+    config: CompressConfig,
+    stack: contextlib.ExitStack | None = None,
+) -> Run:
+    """Resolve the transformer, adapter, calibration batches and blocks (verified on one forward pass).
+
+    With the ``offload`` option the model is put under :class:`Offload` on ``device`` until ``stack`` closes.
+    """
+    transformer = transformer_of(model)
+    pipeline = None if model is transformer else model
+    chosen = plugins.get_adapter(transformer, adapter)
+    offload = None
+    if config.offload:
+        if device is None or stack is None:
+            raise BlockpruneError("offload=True needs device= (the accelerator that blocks visit), e.g. device='cuda'")
+        offload = stack.enter_context(Offload(transformer, chosen.trace_targets(transformer), device))
+    elif device is not None:
+        transformer.to(device)
+    if calibration is None and pipeline is not None:
+        batches = record_pipeline_calibration(
+            pipeline,
+            chosen,
+            list(config.calibration_prompts or bundled_prompts()),
+            num_inference_steps=config.calibration_steps,
+            steps_per_prompt=config.steps_per_prompt,
+        )
+    else:
+        batches = prepare_calibration(calibration)
+    blocks = resolve_blocks(transformer, chosen, batches[0])
+    return Run(transformer, pipeline, chosen, batches, blocks, config, offload)

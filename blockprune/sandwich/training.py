@@ -1,0 +1,110 @@
+"""Running a span on recorded samples, measuring its error, and the sandwich training loop."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+
+from ..brll.recording import stream_pairs
+from ..discovery.signature import forward_signature
+from ..discovery.spec import Block
+from ..errors import SandwichDivergedError
+from ..runtime import distributed
+from ..runtime.forward import to_device
+from .data import ActivationStore, SpanSample
+
+
+def _call(module: nn.Module, arguments: dict[str, Any], use_checkpoint: bool) -> Any:
+    parameters = forward_signature(module).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        arguments = {k: v for k, v in arguments.items() if k in parameters}
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(module, use_reentrant=False, **arguments)
+    return module(**arguments)
+
+
+def span_forward(modules: list[nn.Module], span: list[Block], sample: SpanSample, use_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    """Run the span's modules in order on a recorded sample; the last block's output streams."""
+    state: dict[str, torch.Tensor] = {}
+    for position, (module, block) in enumerate(zip(modules, span)):
+        arguments = dict(sample.inputs) if position == 0 else {**sample.contexts[position - 1], **state}
+        output = _call(module, arguments, use_checkpoint)
+        state = {s: y for s, _, y in stream_pairs(block, arguments, output)}
+    return state
+
+
+def _errors(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    squared = sum(((outputs[s].float() - targets[s].float()) ** 2).sum() for s in targets)
+    reference = sum((targets[s].float() ** 2).sum() for s in targets)
+    count = sum(targets[s].numel() for s in targets)
+    return squared, reference, count
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _training_attention(device: torch.device):
+    """Attention kernels for sandwich training: every one but cuDNN's, whose bf16 backward gave NaN gradients (H100)
+    or failed ("mha_graph.execute", H200) on small heads in torch 2.11 + CUDA 13."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _evaluate(modules, span, inputs: ActivationStore, targets: ActivationStore, device) -> tuple[float, float]:
+    """(MSE, relative squared error) of the span against its targets, summed over every rank's batches."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad(), _autocast(device):
+        for index in range(len(inputs)):
+            outputs = span_forward(modules, span, to_device(inputs[index], device))
+            s, r, c = _errors(outputs, to_device(targets[index], device))
+            sums += torch.tensor([float(s), float(r), c], dtype=torch.float64)
+    distributed.all_reduce_sum([sums])
+    squared, reference, count = sums.tolist()
+    return squared / max(count, 1), squared / reference if reference > 0 else squared
+
+
+def _train(modules, span, inputs, targets, total, trainable, options, device, seed, block_name) -> None:
+    """AdamW on MSE. Each step takes ``batch_size`` batches from a seeded permutation of all ``total`` training
+    batches; under a launcher each rank runs the ones it recorded (every ``world_size``-th) and gradients are
+    summed over ranks, which is the single-process accumulation up to float rounding."""
+    optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    world, rank = distributed.world_size(), distributed.rank() if distributed.active() else 0
+    order: list[int] = []
+    for step in range(options.steps):
+        optimizer.zero_grad(set_to_none=False)
+        for parameter in trainable:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        finite = torch.ones(1, dtype=torch.float64)
+        for _ in range(options.batch_size):
+            if not order:
+                order = torch.randperm(total, generator=generator).tolist()
+            index = order.pop()
+            if index % world != rank:
+                continue
+            with torch.enable_grad(), _autocast(device), _training_attention(device):
+                outputs = span_forward(modules, span, to_device(inputs[index // world], device), options.gradient_checkpointing)
+                squared, _, count = _errors(outputs, to_device(targets[index // world], device))
+                loss = squared / count
+            if not torch.isfinite(loss):
+                finite.zero_()
+                break
+            (loss / options.batch_size).backward()
+        distributed.all_reduce_sum([finite, *[p.grad for p in trainable]])
+        if finite.item() < world:
+            raise SandwichDivergedError(
+                f"sandwich training of block {block_name} diverged (NaN or Inf loss at step {step}); the stage "
+                f"was rolled back: lower sandwich_lr (now {options.lr}) or check the calibration data"
+            )
+        optimizer.step()

@@ -1,0 +1,196 @@
+"""``importance="auto"``: choose the blocks by what the user will see, not by one cheap proxy.
+
+Candidate plans come from several signals (the built-in forward metrics in both ablation modes, and the
+fixed orders); each is checked on calibration batches kept out of every fit and every score: its blocks
+are replaced at once by least-squares surrogates fitted on the other batches, and the model's final
+output is compared with the intact model's (relative squared error). A greedy refinement then tries
+swapping blocks of the best plan for the next ones in its ranking, and keeps a swap only when the
+held-out error falls. The winner is therefore never worse, on held-out data, than any candidate,
+the former default (``fit_residual``) included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..brll.replacement import fit_surrogate
+from ..calibration import bundled_prompts
+from ..discovery.spec import Block
+from ..errors import BlockpruneError
+from ..runtime.forward import forward_batch, model_device, output_tensor
+from .base import ScoringContext
+from .cache import cache_directory
+from .combination import resolve_metrics
+from .metrics.generation import generation_settings
+from .selection import ImportanceTable, compute_scores, score_run
+
+if TYPE_CHECKING:
+    from ..run import Run
+
+logger = logging.getLogger("blockprune")
+
+AUTO = "auto"
+FALLBACK = "fit_residual"  # with a single calibration batch there is nothing to hold out
+# (metric, ablation) pairs that rank blocks; each gives one candidate plan
+SIGNALS = (("fit_residual", "remove"), ("output_mse", "remove"), ("output_mse", "replace"), ("block_influence", "remove"))
+FIXED_ORDERS = ("start2end", "end2start")
+TRAJECTORY_STEPS, TRAJECTORY_PROMPTS = 8, 4  # the images check, unless metric_options say otherwise
+SWAP_POOL = 2  # greedy refinement: blocks outside the plan tried in place of each block inside it
+
+
+@dataclass
+class Candidate:
+    """A plan (block names in replacement order) and where it came from; ``ranking`` continues past the plan."""
+
+    name: str
+    ranking: list[str]
+    values: dict[str, float] | None = None
+
+
+def split_for_selection(batches: list[dict[str, Any]], held_out: float) -> tuple[list, list]:
+    """(fit, held-out) batches: every k-th batch is held out, so both shares span the sampled timesteps."""
+    if len(batches) < 2:
+        raise BlockpruneError(
+            f"importance='auto' checks its choice on held-out calibration batches and needs at least 2, got "
+            f"{len(batches)}; pass more batches or choose a metric, e.g. importance='fit_residual'"
+        )
+    held = min(max(1, round(held_out * len(batches))), len(batches) - 1)
+    step = len(batches) / held
+    held_indices = {min(len(batches) - 1, int(step * i + step / 2)) for i in range(held)}
+    return ([b for i, b in enumerate(batches) if i not in held_indices],
+            [b for i, b in enumerate(batches) if i in held_indices])
+
+
+class PlanEvaluator:
+    """Held-out error with a plan's blocks replaced by surrogates fitted once each.
+
+    Without ``sample`` it is the model's one-step output error on the held-out batches. With ``sample``
+    (a function that returns images from the model as it is), it is the error of images sampled over a
+    whole short trajectory, where errors compound over the steps as they do for the user.
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[Block], fit: list[dict], held: list[dict], ridge: float,
+                 record_device: Any = None, sample: Callable[[], torch.Tensor] | None = None) -> None:
+        self.model, self.by_name, self.fit, self.held = model, {b.name: b for b in blocks}, fit, held
+        self.ridge, self.record_device, self.sample = ridge, record_device, sample
+        self.surrogates: dict[str, nn.Module] = {}
+        self.errors: dict[tuple[str, ...], float] = {}
+        self.reference = self._outputs()
+
+    def _outputs(self) -> list[torch.Tensor]:
+        if self.sample is not None:
+            return [self.sample().float()]
+        return [output_tensor(forward_batch(self.model, b, i)).float() for i, b in enumerate(self.held)]
+
+    def _surrogate(self, name: str) -> nn.Module:
+        if name not in self.surrogates:  # fitted on the intact model, as the plan's first replacement would be
+            self.surrogates[name], _ = fit_surrogate(self.model, self.by_name[name], self.fit, self.ridge,
+                                                     self.record_device)
+        return self.surrogates[name]
+
+    @contextlib.contextmanager
+    def _replaced(self, names: list[str]) -> Iterator[None]:
+        originals = {name: self.model.get_submodule(name) for name in names}
+        stand_ins = {name: self._surrogate(name) for name in names}
+        try:
+            for name, surrogate in stand_ins.items():
+                self.model.set_submodule(name, surrogate.to(model_device(originals[name])))
+            yield
+        finally:
+            for name, original in originals.items():
+                self.model.set_submodule(name, original)
+
+    def error(self, names: list[str]) -> float:
+        """Relative squared error ``Σ‖ŷ − y‖² / Σ‖y‖²`` of the output on the held-out batches."""
+        key = tuple(sorted(names))
+        if key not in self.errors:
+            with self._replaced(names):
+                outputs = self._outputs()
+            error = sum(float(((got - expected) ** 2).sum()) for got, expected in zip(outputs, self.reference))
+            reference = sum(float((expected**2).sum()) for expected in self.reference)
+            self.errors[key] = error / reference if reference > 0 else error
+        return self.errors[key]
+
+
+def _candidates(run: Run, blocks: list[Block], fit: list[dict], on_block: Callable | None) -> list[Candidate]:
+    names = [b.name for b in blocks]
+    found = [Candidate("start2end", names), Candidate("end2start", names[::-1])]
+    cache = cache_directory(run.config.scoring.cache_dir)
+    for metric, ablation in SIGNALS:
+        weights, metrics = resolve_metrics(metric)
+        context = ScoringContext(run.transformer, run.adapter, blocks, fit, run.pipeline, run.metric_options)
+        table = compute_scores(context, weights, metrics, ablation, cache, on_block)
+        label = metric if ablation == "remove" else f"{metric}/{ablation}"
+        found.append(Candidate(label, table.order, table.values[metric]))
+    return found
+
+
+def _refine(best: Candidate, count: int, evaluator: PlanEvaluator, rounds: int) -> tuple[list[str], float]:
+    """Greedy swaps from ``best``: each round tries every block of the plan against the next ``SWAP_POOL``
+    blocks of its ranking and keeps the swap that lowers the held-out error most, if any does."""
+    plan, rest = list(best.ranking[:count]), list(best.ranking[count:])
+    error = evaluator.error(plan)
+    for _ in range(rounds):
+        trials = [(evaluator.error(plan[:i] + [c] + plan[i + 1:]), i, c)
+                  for i in range(len(plan)) for c in rest[:SWAP_POOL]]
+        if not trials or min(trials)[0] >= error:
+            break
+        error, i, c = min(trials)
+        rest.remove(c)
+        rest.insert(0, plan[i])
+        plan[i] = c
+    return plan + rest, error
+
+
+def _sampler(run: Run) -> Callable[[], torch.Tensor] | None:
+    """With a pipeline at hand: images over a short trajectory (``generation_*`` metric options, else a few bundled
+    prompts at ``TRAJECTORY_STEPS`` steps); without one, ``None`` (the one-step output check)."""
+    check = run.config.scoring.auto_check
+    if check == "images" and run.pipeline is None:
+        raise BlockpruneError("auto_check='images' samples images and needs a pipeline: pass the pipeline to compress, "
+                              "or use auto_check='outputs'")
+    if run.pipeline is None or check == "outputs":
+        return None
+    options = {"generation_steps": TRAJECTORY_STEPS, "generation_prompts": bundled_prompts()[:TRAJECTORY_PROMPTS],
+               **(run.config.scoring.metric_options or {})}
+    settings = generation_settings(ScoringContext(run.transformer, run.adapter, [], [], run.pipeline, options))
+    return lambda: run.adapter.generate(run.pipeline, settings["prompts"], settings["seeds"], settings["steps"])
+
+
+def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None) -> ImportanceTable:
+    """The ranking whose first ``count`` blocks give the lowest held-out output error, with every candidate's."""
+    scoring = run.config.scoring
+    if len(run.scoring_batches) < 2:
+        logger.warning("importance='auto' needs 2 calibration batches to hold one out and has 1: blocks are ranked "
+                       "by %s alone; pass more batches to have the choice checked", FALLBACK)
+        return score_run(run, FALLBACK, blocks, bars)
+    fit, held = split_for_selection(run.scoring_batches, scoring.auto_held_out)
+    on_block = None
+    if bars is not None:
+        task = bars.add_task("scoring blocks (auto: all signals)", total=len(blocks) * len(SIGNALS))
+        on_block = lambda block: bars.advance(task)  # noqa: E731
+    candidates = _candidates(run, blocks, fit, on_block)
+    sample = _sampler(run)
+    with torch.no_grad():
+        evaluator = PlanEvaluator(run.transformer, blocks, fit, held, run.config.ridge, run.config.record_device,
+                                  sample)
+        errors = {c.name: evaluator.error(c.ranking[:count]) for c in candidates}
+        best = min(candidates, key=lambda c: errors[c.name])
+        ranking, refined = _refine(best, count, evaluator, scoring.auto_refine)
+    chosen = best.name
+    if refined < errors[best.name]:
+        chosen = f"greedy({best.name})"
+        errors[chosen] = refined
+    names = [b.name for b in blocks]
+    values = {c.name: c.values for c in candidates if c.values is not None}
+    selection = {"candidates": errors, "chosen": chosen, "fit_batches": len(fit), "held_batches": len(held),
+                 "evaluations": len(evaluator.errors), "checked_on": "images" if sample else "outputs"}
+    return ImportanceTable(names, values, {name: float(name == best.name) for name in values},
+                           {name: float(ranking.index(name)) for name in names}, AUTO, [], selection)
