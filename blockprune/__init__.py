@@ -25,7 +25,7 @@ from .errors import (
     SandwichDivergedError,
 )
 from .hookspecs import hookimpl
-from .plan import Plan, plan
+from .plan import Plan, ReplacedBlock, StageReport, StreamReport, plan
 from .plugins import register_plugin, unregister_plugin
 from .scoring import Metric, ScoringContext
 from .scoring.selection import ImportanceTable
@@ -48,8 +48,11 @@ __all__ = [
     "NonFiniteActivationError",
     "NotResidualError",
     "Plan",
+    "ReplacedBlock",
     "SandwichConfig",
     "SandwichDivergedError",
+    "StageReport",
+    "StreamReport",
     "ScoringConfig",
     "ScoringContext",
     "SurrogateKind",

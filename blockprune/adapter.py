@@ -28,6 +28,14 @@ class Adapter:
     name: str = ""
     chains_streams_by_name: bool = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "run_pipeline" in cls.__dict__:  # renamed: an override under the old name would be silently ignored
+            raise BlockpruneError(
+                f"{cls.__name__} defines run_pipeline(), which blockprune 0.1 renamed call_pipeline(); rename the "
+                f"method (same arguments: pipe, prompt, generator, num_inference_steps)"
+            )
+
     def matches(self, model: nn.Module) -> bool:
         """Whether this adapter understands ``model``."""
         raise NotImplementedError

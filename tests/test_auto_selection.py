@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TinyResidualNet, flux_batches, make_flux, residual_net_batches
+from test_toy_pipeline import tiny_toy_pipeline
 
 import blockprune
 from blockprune.errors import BlockpruneError
 from blockprune.scoring.auto import split_for_selection
+from blockprune.toy import calibration_batches
 
 HERE = Path(__file__).parent
 FAST = {"progress": False, "cache_dir": False}
@@ -108,3 +110,19 @@ def test_a_selection_killed_by_sigkill_resumes_to_the_same_model(kill_at, tmp_pa
     assert resumed.returncode == 0, resumed.stderr
     expected, got = torch.load(tmp_path / "reference.pt"), torch.load(tmp_path / "model.pt")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_with_a_pipeline_auto_checks_candidates_on_sampled_images():
+    pipe = tiny_toy_pipeline("flux")
+    calibration = calibration_batches(pipe, 6, seed=3, batch_size=2)
+    prompts = ["a red circle", "two blue squares"]
+    options = {"generation_prompts": prompts, "generation_seeds": [0], "generation_steps": 3}
+    blockprune.compress(pipe, adapter="flux", ratio=0.5, calibration=calibration, importance="auto", sandwich=False,
+                        auto_refine=0, metric_options=options, **FAST)
+    plan = blockprune.plan(pipe)
+    assert plan.selection["checked_on"] == "images"
+    errors = plan.selection["candidates"]
+    assert errors[plan.selection["chosen"]] == min(errors.values())
+    assert errors["start2end"] != errors["end2start"] and all(error > 0 for error in errors.values())
+    with pytest.raises(BlockpruneError, match="auto_check='images' samples images and needs a pipeline"):
+        blockprune.compress(make_flux(), calibration=flux_batches(4), importance="auto", auto_check="images", **FAST)

@@ -161,8 +161,9 @@ def test_plugins_lists_builtins_with_what_they_register(capsys):
     code, out, _ = run_cli(capsys, "plugins")
     assert code == 0
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip().startswith("blockprune")}
-    assert rows["blockprune_adapters.flux"] == ["built-in", "flux", "-"]
-    assert rows["blockprune.scoring.metrics.output_mse"] == ["built-in", "-", "output_mse"]
+    assert rows["blockprune_adapters.flux"] == ["built-in", "flux", "-", "-"]
+    assert rows["blockprune.scoring.metrics.output_mse"] == ["built-in", "-", "output_mse", "-"]
+    assert rows["blockprune.brll.replacement"] == ["built-in", "-", "-", "linear,", "identity"]
 
 
 # Bad input: one line, exit code 2.

@@ -63,7 +63,7 @@ def test_every_hook_documents_each_argument(name):
 def test_the_extension_authors_types_are_public():
     for name in ("Adapter", "BlockSpec", "Block", "Metric", "ScoringContext", "Trace", "CallRecord", "BlockInfo",
                  "SurrogateKind", "LinearSurrogate", "SandwichDivergedError", "CompressionInterrupted",
-                 "CompressConfig", "ScoringConfig", "SandwichConfig"):
+                 "CompressConfig", "ScoringConfig", "SandwichConfig", "StreamReport"):
         assert name in blockprune.__all__ and hasattr(blockprune, name)
     assert issubclass(blockprune.SandwichDivergedError, blockprune.BlockpruneError)
     assert issubclass(blockprune.CompressionInterrupted, KeyboardInterrupt)

@@ -157,6 +157,11 @@ def test_a_plugin_surrogate_kind_is_used_by_compress(tinynet_plugin):
         blockprune.compress(TinyResidualNet(depth=4), calibration=residual_net_batches(4), surrogate="half_linear")
 
 
+def test_an_adapter_overriding_the_old_run_pipeline_name_is_refused():
+    with pytest.raises(BlockpruneError, match="renamed call_pipeline"):
+        type("OldAdapter", (blockprune.Adapter,), {"run_pipeline": lambda self, *args: None})
+
+
 def test_a_misspelled_hook_is_an_error_and_the_plugin_is_not_kept():
     class Misspelled:
         @blockprune.hookimpl

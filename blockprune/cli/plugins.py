@@ -36,10 +36,11 @@ def run(args: argparse.Namespace) -> int:
     """Print the plugins table."""
     origins = plugin_origins()
     table = Table(title="blockprune plugins", box=box.SIMPLE)
-    for column in ("plugin", "from", "adapters", "metrics"):
+    kinds = tuple(plugins.HOOKS)
+    for column in ("plugin", "from", *kinds):
         table.add_column(column, no_wrap=column == "plugin")
     for name, contents in plugins.plugin_contents().items():
-        table.add_row(name, origins[name], ", ".join(contents["adapters"]) or "-", ", ".join(contents["metrics"]) or "-")
+        table.add_row(name, origins[name], *(", ".join(contents[kind]) or "-" for kind in kinds))
     console = output_console()
     console.print(table)
     if os.environ.get(plugins.DISABLE_AUTOLOAD_ENV):
