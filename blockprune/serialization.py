@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
@@ -10,22 +9,28 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .brll.fusion import fuse as fuse_runs
 from .brll.surrogate import LinearSurrogate
 from .discovery.spec import BlockSpec
 from .errors import BlockpruneError
+from .manifest import (
+    FORMAT_VERSION,
+    FUSED_FORMAT_VERSION,
+    INDEX,
+    MANIFEST,
+    WEIGHTS,
+    damaged,
+    load_config,
+    load_weights,
+    model_class,
+    read_manifest,
+    saved_dtype,
+)
 from .plan import PLAN_ATTRIBUTE, Plan, plan, transformer_of
 from .runtime import distributed
 from .sandwich.reuse import LOG_ATTRIBUTE, STAGES_FILE, load_stage_log, save_stage_log
-
-FORMAT_VERSION = 1
-FUSED_FORMAT_VERSION = 2  # written for fused models, whose surrogates may hold maps for only some streams
-READABLE_VERSIONS = (FORMAT_VERSION, FUSED_FORMAT_VERSION)
-MANIFEST = "blockprune.json"
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -137,47 +142,27 @@ def _manifest(transformer: torch.nn.Module, compressed: Plan) -> dict[str, Any]:
     }
 
 
-def _read_manifest(directory: Path) -> dict[str, Any]:
-    if not directory.is_dir():
-        raise BlockpruneError(f"{directory} is not a folder; pass the folder written by blockprune.save_pretrained")
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise BlockpruneError(f"{directory} was not written by blockprune.save_pretrained: it has no {MANIFEST}")
+def _put_surrogate(model: torch.nn.Module, entry: dict[str, Any], directory: Path) -> None:
+    """Replace the block ``entry`` of ``blockprune.json`` names by an empty surrogate of the recorded shape."""
+    name = entry["name"]
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise BlockpruneError(f"{path} is not valid JSON ({error}); the folder is damaged") from error
-    version = manifest.get("format_version")
-    if version not in READABLE_VERSIONS:
+        block = model.get_submodule(name)
+    except AttributeError as error:
         raise BlockpruneError(
-            f"{path} has format version {version}; this blockprune reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}"
+            f"{directory / MANIFEST} names the replaced block {name!r}, which the {type(model).__name__} built from "
+            f"config.json lacks; the two files do not belong together, save the model again"
+        ) from error
+    if type(block).__name__ != entry["kind"]:
+        raise BlockpruneError(
+            f"{MANIFEST} says {name} is a {entry['kind']}, the model has a {type(block).__name__}"
         )
-    return manifest
-
-
-def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
-    if (directory / INDEX).is_file():
-        files = sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))
-    else:
-        files = [WEIGHTS]
-    state = {}
-    for filename in files:
-        if not (directory / filename).is_file():
-            raise BlockpruneError(f"{directory} lacks {filename}; the folder is incomplete, save the model again")
-        state.update(load_file(directory / filename))
-    return state
-
-
-def _model_class(name: str) -> type:
-    module_name, _, qualname = name.partition(":")
     try:
-        target: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as error:
-        raise BlockpruneError(f"cannot import the model class {name} named in {MANIFEST}: {error}") from error
-    return target
+        dims = {s: int(shape[1]) for s, shape in entry["streams"].items()}
+        surrogate = LinearSurrogate.for_block(block, BlockSpec.from_dict(entry["spec"]), dims)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+        problem = f"has an unusable entry for {name} ({type(error).__name__}: {error})"
+        raise damaged(directory / MANIFEST, problem) from error
+    model.set_submodule(name, surrogate)
 
 
 def _check_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
@@ -202,29 +187,50 @@ def from_pretrained(
 ) -> torch.nn.Module:
     """Rebuild a model written by :func:`save_pretrained`, without materialising the replaced blocks' weights.
 
-    Put it back into a pipeline with ``pipe.transformer = blockprune.from_pretrained(folder)``.
+    Put it back into a pipeline with ``pipe.transformer = blockprune.from_pretrained(folder)``. Without
+    ``torch_dtype`` the tensors keep the dtypes they were saved in, and buffers the files do not hold (non-persistent
+    ones) take the saved dtype; with it, everything is loaded in ``torch_dtype``. Only a diffusers model class is
+    built, looked up by name among diffusers' exports, and weights are read only from safetensors files inside
+    ``directory``; a damaged or edited folder raises :class:`BlockpruneError`.
     """
     directory = Path(directory)
-    manifest = _read_manifest(directory)
-    cls = _model_class(manifest["model_class"])
-    config = cls.load_config(directory)
+    manifest = read_manifest(directory)
+    cls = model_class(manifest["model_class"])
+    dtype = saved_dtype(manifest, directory)
+    config = load_config(cls, directory)
     with init_empty_weights():
         model = cls.from_config(config)
     for entry in manifest["replaced"]:
-        block = model.get_submodule(entry["name"])
-        if type(block).__name__ != entry["kind"]:
-            raise BlockpruneError(
-                f"{MANIFEST} says {entry['name']} is a {entry['kind']}, the model has a {type(block).__name__}"
-            )
-        dims = {s: shape[1] for s, shape in entry["streams"].items()}
-        model.set_submodule(entry["name"], LinearSurrogate.for_block(block, BlockSpec.from_dict(entry["spec"]), dims))
-    state = _load_weights(directory)
+        _put_surrogate(model, entry, directory)
+    state = load_weights(directory)
     _check_tensors(model, state, directory)
+    if torch_dtype is not None:  # loaded straight into the asked dtype
+        state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     if torch_dtype is not None:
         model.to(torch_dtype)
+    else:
+        _cast_unsaved_buffers(model, set(state), dtype)
+    try:
+        plan_ = Plan.from_dict(manifest["plan"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise damaged(directory / MANIFEST, f"has an unusable plan ({type(error).__name__}: {error})") from error
     if device is not None:
         model.to(device)
-    setattr(model, PLAN_ATTRIBUTE, Plan.from_dict(manifest["plan"]))
+    setattr(model, PLAN_ATTRIBUTE, plan_)
     setattr(model, LOG_ATTRIBUTE, load_stage_log(directory))
     return model.eval()
+
+
+def _cast_unsaved_buffers(model: torch.nn.Module, saved: set[str], dtype: torch.dtype) -> None:
+    """Give the floating buffers that are not in the files (non-persistent ones, built by the model's constructor in
+    the default dtype) the saved model's ``dtype``; the saved tensors keep the dtypes they were written in."""
+    cast: dict[int, torch.Tensor] = {}  # a buffer shared by several modules stays shared
+    for prefix, module in model.named_modules():
+        for attribute, buffer in list(module.named_buffers(recurse=False)):
+            name = f"{prefix}.{attribute}" if prefix else attribute
+            if name in saved or not buffer.is_floating_point() or buffer.dtype == dtype:
+                continue
+            if id(buffer) not in cast:
+                cast[id(buffer)] = buffer.to(dtype)
+            setattr(module, attribute, cast[id(buffer)])

@@ -108,6 +108,6 @@ def test_ctrl_c_stops_after_the_stage_and_says_how_to_resume(tmp_path, monkeypat
 def test_disk_use_is_reported_and_activation_shards_are_deleted_unless_kept(tmp_path):
     model = _compress(tmp_path / "w", sandwich_activation_budget=1)
     assert blockprune.plan(model).workdir_bytes > 0
-    assert not list((tmp_path / "w" / "activations").rglob("*.pt"))
+    assert not list((tmp_path / "w" / "activations").rglob("*.safetensors"))
     _compress(tmp_path / "k", sandwich_activation_budget=1, keep_activations=True)
-    assert list((tmp_path / "k" / "activations").rglob("*.pt"))
+    assert list((tmp_path / "k" / "activations").rglob("*.safetensors"))

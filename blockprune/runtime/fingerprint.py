@@ -10,23 +10,18 @@ from typing import Any
 import torch
 from torch import nn
 
-SAMPLES_PER_TENSOR = 4096
 
-
-def _update_tensor(digest: Any, tensor: torch.Tensor, full: bool) -> None:
+def _update_tensor(digest: Any, tensor: torch.Tensor) -> None:
+    """Hash ``tensor``'s shape, dtype and every byte of its values (any dtype: the raw bytes, not a cast)."""
     digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
-    flat = tensor.detach().reshape(-1)
-    if flat.numel() == 0:
+    if tensor.numel() == 0:
         return
-    if not full:
-        # large weights: a strided sample plus exact float64 sums, computed where the tensor lives
-        sums = torch.stack([flat.double().sum(), flat.double().abs().sum()])
-        flat = torch.cat([flat[:: max(1, flat.numel() // SAMPLES_PER_TENSOR)].double(), sums])
-    digest.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    digest.update(memoryview(raw.numpy()))
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A digest of the model's class, config, and every parameter and buffer (sampled, with exact sums)."""
+    """A digest of the model's class, config, and every byte of every parameter and buffer."""
     digest = hashlib.sha256(type(model).__qualname__.encode())
     config = getattr(model, "config", None)
     if isinstance(config, Mapping):
@@ -34,13 +29,13 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(json.dumps(public, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
-        _update_tensor(digest, tensor, full=False)
+        _update_tensor(digest, tensor)
     return digest.hexdigest()[:32]
 
 
 def _update_value(digest: Any, value: Any) -> None:
     if isinstance(value, torch.Tensor):
-        _update_tensor(digest, value, full=True)
+        _update_tensor(digest, value)
     elif isinstance(value, Mapping):
         for key in sorted(value, key=str):
             digest.update(str(key).encode())

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,44 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.\d+\.tmp")  # write_atomically's ".<name>.<pid>.tmp"
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of writes that were killed before their rename (the writer opens the workdir
+    before it writes, so none of them is still being written)."""
+    for stale in path.iterdir():
+        if _TEMPORARY.fullmatch(stale.name) and stale.is_file():
+            logger.info("workdir: removing %s, left by an interrupted write", stale)
+            stale.unlink(missing_ok=True)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The workdir manifest, checked: a damaged one raises :class:`BlockpruneError` saying what to do."""
+    try:
+        manifest = json.loads(path.read_text())
+        problem = None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        manifest, problem = None, f"{type(error).__name__}: {error}"
+    if problem is None:
+        if not isinstance(manifest, dict):
+            problem = f"it holds a {type(manifest).__name__}, not an object"
+        elif manifest.get("version") != VERSION:
+            problem = f"its version is {manifest.get('version')!r}, this blockprune reads version {VERSION}"
+        elif not isinstance(manifest.get("key"), dict):
+            problem = "it has no 'key' object"
+        elif not isinstance(manifest.get("files"), dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()
+        ):
+            problem = "it has no 'files' object mapping file names to checksums"
+    if problem is not None:
+        raise BlockpruneError(
+            f"workdir {path.parent} has a damaged {MANIFEST} ({problem}); delete the folder to start over, or use a "
+            f"new workdir"
+        )
+    return manifest
+
+
 class Workdir:
     """Importance scores and finished stages of one ``compress`` call, resumable after an interruption.
 
@@ -47,10 +86,12 @@ class Workdir:
         self.writer = writer
         self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
         self.path.mkdir(parents=True, exist_ok=True)
+        if writer:
+            _remove_stale_temporaries(self.path)
         manifest = self.path / MANIFEST
         if manifest.is_file():
-            self.manifest = json.loads(manifest.read_text())
-            if self.manifest.get("key") != self.key:
+            self.manifest = _read_manifest(manifest)
+            if self.manifest["key"] != self.key:
                 old = self.manifest.get("key", {})
                 differing = sorted(k for k in set(old) | set(self.key) if old.get(k) != self.key.get(k))
                 raise BlockpruneError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,8 +100,18 @@ def compute_scores(
         }
         for name, metric in metrics.items():
             keys[name] = cache / f"{cache_key(metric, context, common)}.json"
-            if keys[name].is_file():
-                values[name] = json.loads(keys[name].read_text())["values"]
+            if not keys[name].is_file():
+                continue
+            try:  # a damaged entry is a miss: recomputed and rewritten below
+                cached = json.loads(keys[name].read_text())["values"]
+                if set(cached) == set(names) and all(type(cached[b]) in (int, float) for b in names):
+                    values[name] = {b: cached[b] for b in names}
+                    continue
+                problem = "its values do not cover exactly the scored blocks"
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+                problem = f"{type(error).__name__}: {error}"
+            logging.getLogger("blockprune").warning(
+                "score cache entry %s is damaged (%s); the scores will be recomputed", keys[name], problem)
     missing = {name: metric for name, metric in metrics.items() if name not in values}
     if missing:
         values.update(_score_split_by_block(context, missing, ablation, on_block))
