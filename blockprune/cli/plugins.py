@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     table = Table(title="blockprune plugins", box=box.SIMPLE)
     kinds = tuple(plugins.HOOKS)
     for column in ("plugin", "from", *kinds):
-        table.add_column(column, no_wrap=column == "plugin")
+        table.add_column(column, no_wrap=column in ("plugin", "from"))
     for name, contents in plugins.plugin_contents().items():
         table.add_row(name, origins[name], *(", ".join(contents[kind]) or "-" for kind in kinds))
     console = output_console()

@@ -111,4 +111,4 @@ def test_adjacent_replaced_blocks_fuse(tmp_path):
 def test_blockprune_plugins_lists_the_installed_plugin(capsys):
     assert main(["plugins"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("pixart")]
-    assert len(rows) == 1 and "blockprune-pixart 0.1.0" in rows[0] and rows[0].split()[-2:] == ["pixart", "-"]
+    assert len(rows) == 1 and "blockprune-pixart 0.1.0" in rows[0] and rows[0].split()[-3:] == ["pixart", "-", "-"]
