@@ -20,6 +20,9 @@ from diffusers import (
 )
 from torch import nn
 
+import blockprune
+from blockprune import Metric
+
 torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
 
@@ -196,3 +199,34 @@ def benchmark_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class Counting(Metric):
+    """A forward metric that counts its evaluations (the value: the block name's length)."""
+
+    name = "counting"
+    higher_is_better = False
+
+    def __init__(self):
+        self.calls = 0
+
+    def evaluate(self, context, block, state):
+        self.calls += 1
+        return float(len(block.name))
+
+
+class CountingPlugin:
+    def __init__(self):
+        self.metric = Counting()
+
+    @blockprune.hookimpl
+    def blockprune_register_metrics(self, register):
+        register(self.metric)
+
+
+@pytest.fixture
+def counting():
+    plugin = CountingPlugin()
+    blockprune.register_plugin(plugin)
+    yield plugin.metric
+    blockprune.unregister_plugin(plugin)

@@ -21,9 +21,12 @@ from blockprune.errors import BlockpruneError
 from blockprune.runtime.fingerprint import model_fingerprint
 from blockprune.runtime.forward import output_tensor
 from blockprune.runtime.workdir import Workdir
-from blockprune.sandwich.data import ActivationStore, SpanSample
-from blockprune.sandwich.data import record_block_outputs, record_span_inputs
-from blockprune.scoring import Metric
+from blockprune.sandwich.data import (
+    ActivationStore,
+    SpanSample,
+    record_block_outputs,
+    record_span_inputs,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. spilled activations: safetensors, never pickle
@@ -360,40 +363,11 @@ def test_fingerprints_see_every_element(dtype):
 # 7. score cache
 
 
-class _Counting(Metric):
-    name = "hardening_counting"
-    higher_is_better = False
-
-    def __init__(self):
-        self.calls = 0
-
-    def evaluate(self, context, block, state):
-        self.calls += 1
-        return float(len(block.name))
-
-
-class _CountingPlugin:
-    def __init__(self):
-        self.metric = _Counting()
-
-    @blockprune.hookimpl
-    def blockprune_register_metrics(self, register):
-        register(self.metric)
-
-
-@pytest.fixture
-def counting():
-    plugin = _CountingPlugin()
-    blockprune.register_plugin(plugin)
-    yield plugin.metric
-    blockprune.unregister_plugin(plugin)
-
-
 @pytest.mark.parametrize("damage", ["{trunc", '{"metric": "x"}', '{"values": {"transformer_blocks.0": 1.0}}',
                                     '{"values": [1, 2]}', "\udcff"])
 def test_a_damaged_score_cache_entry_is_recomputed_and_rewritten(counting, tmp_path, caplog, damage):
     def score():
-        return blockprune.importance(make_flux(), calibration=flux_batches(2), importance="hardening_counting",
+        return blockprune.importance(make_flux(), calibration=flux_batches(2), importance="counting",
                                      progress=False, cache_dir=tmp_path)
 
     first = score()
@@ -403,8 +377,8 @@ def test_a_damaged_score_cache_entry_is_recomputed_and_rewritten(counting, tmp_p
         again = score()
     assert counting.calls == 8 and again.cached == [] and again.values == first.values
     assert any("is damaged" in r.message and "recomputed" in r.message for r in caplog.records)
-    assert json.loads(entry.read_text())["values"] == first.values["hardening_counting"]  # rewritten
-    assert score().cached == ["hardening_counting"] and counting.calls == 8
+    assert json.loads(entry.read_text())["values"] == first.values["counting"]  # rewritten
+    assert score().cached == ["counting"] and counting.calls == 8
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -161,35 +161,6 @@ def test_importance_table_is_printed(capsys):
     assert "block importance (ablation: remove)" in out and "output_mse (w=0.50)" in out
 
 
-class Counting(Metric):
-    name = "counting"
-    higher_is_better = False
-
-    def __init__(self):
-        self.calls = 0
-
-    def evaluate(self, context, block, state):
-        self.calls += 1
-        return float(len(block.name))
-
-
-class CountingPlugin:
-    def __init__(self):
-        self.metric = Counting()
-
-    @blockprune.hookimpl
-    def blockprune_register_metrics(self, register):
-        register(self.metric)
-
-
-@pytest.fixture
-def counting():
-    plugin = CountingPlugin()
-    blockprune.register_plugin(plugin)
-    yield plugin.metric
-    blockprune.unregister_plugin(plugin)
-
-
 def test_cache_skips_scoring_for_same_model_data_and_settings(counting, tmp_path):
     model = make_flux()
     first = blockprune.importance(model, calibration=flux_batches(2), importance="counting", progress=False,
