@@ -22,7 +22,7 @@ POINTS = {
     "scoring": (blockprune.scoring.metrics.output_mse.OutputMSE, "evaluate"),
     "recording": (blockprune.brll.replacement, "record_block"),
     "fitting": (blockprune.brll.replacement, "fit_affine"),
-    "training": (blockprune.sandwich.stage, "_train"),
+    "training": (blockprune.sandwich.stage, "train_span"),
     "writing": (blockprune.runtime.workdir.os, "replace"),
     "evaluating": (blockprune.scoring.auto.PlanEvaluator, "error"),
 }

@@ -35,7 +35,7 @@ def test_no_private_name_is_imported_from_another_module():
     imported = []
     for path in _sources(CALLERS):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("blockprune", ""):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "blockprune"):
                 imported += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names
                              if a.name.startswith("_") and a.name != "__version__"]
     assert imported == []

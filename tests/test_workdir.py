@@ -87,7 +87,7 @@ def test_a_different_call_is_refused(tmp_path):
 
 def test_ctrl_c_stops_after_the_stage_and_says_how_to_resume(tmp_path, monkeypatch):
     reference = _compress(tmp_path / "reference")
-    original = blockprune.sandwich.stage._train
+    original = blockprune.sandwich.stage.train_span
     calls = {"n": 0}
 
     def train_then_interrupt(*args, **kwargs):
@@ -96,12 +96,12 @@ def test_ctrl_c_stops_after_the_stage_and_says_how_to_resume(tmp_path, monkeypat
             os.kill(os.getpid(), signal.SIGINT)  # arrives mid-stage: the stage still finishes
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(blockprune.sandwich.stage, "_train", train_then_interrupt)
+    monkeypatch.setattr(blockprune.sandwich.stage, "train_span", train_then_interrupt)
     model = make_flux(double=2, single=2)
     with pytest.raises(CompressionInterrupted, match=r"after stage 1 of 2; run the same call again with workdir="):
         blockprune.compress(model, calibration=flux_batches(8), workdir=tmp_path / "w", **OPTIONS)
     assert blockprune.plan(model).replaced_names == blockprune.plan(reference).replaced_names[:1]
-    monkeypatch.setattr(blockprune.sandwich.stage, "_train", original)
+    monkeypatch.setattr(blockprune.sandwich.stage, "train_span", original)
     assert _equal(_compress(tmp_path / "w").state_dict(), reference.state_dict())
 
 

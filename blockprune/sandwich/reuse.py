@@ -14,6 +14,7 @@ from torch import nn
 from ..brll.surrogate import LinearSurrogate
 from ..discovery.spec import Block
 from ..errors import BlockpruneError
+from ..manifest import MANIFEST, load_weights, read_manifest
 from ..plan import StageLog
 
 STAGES_FILE = "stages.safetensors"
@@ -81,14 +82,11 @@ def _source(reuse_from: Any) -> tuple[list[str], dict[str, dict[str, torch.Tenso
 
     if isinstance(reuse_from, (str, os.PathLike)):
         directory = Path(reuse_from)
-        manifest_path = directory / "blockprune.json"
-        if not manifest_path.is_file():
+        if not (directory / MANIFEST).is_file():
             raise BlockpruneError(f"reuse_from={str(reuse_from)!r} is not a folder written by blockprune.save_pretrained")
-        plan = Plan.from_dict(json.loads(manifest_path.read_text())["plan"])
+        plan = Plan.from_dict(read_manifest(directory)["plan"])
         _check_unfused(plan)
-        weights: dict[str, torch.Tensor] = {}
-        for file in sorted(directory.glob("model*.safetensors")):
-            weights.update(load_file(file))
+        weights = load_weights(directory)
         finals = {name: {k[len(name) + 1 :]: v for k, v in weights.items() if k.startswith(f"{name}.linears.")}
                   for name in plan.replaced_names}
         return plan.replaced_names, finals, load_stage_log(directory), plan

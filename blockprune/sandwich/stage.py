@@ -21,7 +21,7 @@ from ..runtime.forward import model_device, to_device
 from .data import ActivationStore, record_block_outputs, record_span_inputs
 from .lora import add_lora, lora_factors, merge_lora, remove_lora
 from .span import sandwich_span
-from .training import _autocast, _evaluate, _train, span_forward
+from .training import autocast, evaluate_span, span_forward, train_span
 
 Stores = tuple[ActivationStore, ActivationStore, ActivationStore, ActivationStore]
 
@@ -83,9 +83,9 @@ def _train_stage(model, adapter, blocks, replaced, new_block, train_batches, hel
     _, held_inputs, _, held_targets = stores
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    loss_before, error_before = _evaluate(span.modules, span.blocks, held_inputs, held_targets, device)
+    loss_before, error_before = evaluate_span(span.modules, span.blocks, held_inputs, held_targets, device)
     lora_blocks, train_seconds = _fit(model, adapter, span, stores, total_train, options, device, seed, new_block)
-    loss_after, error_after = _evaluate(span.modules, span.blocks, held_inputs, held_targets, device)
+    loss_after, error_after = evaluate_span(span.modules, span.blocks, held_inputs, held_targets, device)
     trained, lora = _harvest(model, span, lora_blocks)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     spilled = sum(store.spilled for store in stores)
@@ -147,7 +147,7 @@ def _targets(model, span: _Span, originals, train_batches, held_batches, train_i
     results = []
     for inputs in (train_inputs, held_inputs):
         store = ActivationStore(options.activation_budget, spill_folder)
-        with torch.no_grad(), _autocast(device):
+        with torch.no_grad(), autocast(device):
             for index in range(len(inputs)):
                 store.append(span_forward(unpruned, span.blocks, to_device(inputs[index], device)))
         results.append(store)
@@ -165,7 +165,7 @@ def _fit(model, adapter, span: _Span, stores: Stores, total, options, device, se
         train_started = time.perf_counter()
         try:
             if trainable:
-                _train(span.modules, span.blocks, train_inputs, train_targets, total, trainable, options, device,
+                train_span(span.modules, span.blocks, train_inputs, train_targets, total, trainable, options, device,
                        seed, block_name)
         except SandwichDivergedError:
             _restore(model, span, lora_blocks)

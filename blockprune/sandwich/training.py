@@ -46,7 +46,7 @@ def _errors(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) 
     return squared, reference, count
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -60,10 +60,10 @@ def _training_attention(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _evaluate(modules, span, inputs: ActivationStore, targets: ActivationStore, device) -> tuple[float, float]:
+def evaluate_span(modules, span, inputs: ActivationStore, targets: ActivationStore, device) -> tuple[float, float]:
     """(MSE, relative squared error) of the span against its targets, summed over every rank's batches."""
     sums = torch.zeros(3, dtype=torch.float64)
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast(device):
         for index in range(len(inputs)):
             outputs = span_forward(modules, span, to_device(inputs[index], device))
             s, r, c = _errors(outputs, to_device(targets[index], device))
@@ -73,7 +73,7 @@ def _evaluate(modules, span, inputs: ActivationStore, targets: ActivationStore, 
     return squared / max(count, 1), squared / reference if reference > 0 else squared
 
 
-def _train(modules, span, inputs, targets, total, trainable, options, device, seed, block_name) -> None:
+def train_span(modules, span, inputs, targets, total, trainable, options, device, seed, block_name) -> None:
     """AdamW on MSE. Each step takes ``batch_size`` batches from a seeded permutation of all ``total`` training
     batches; under a launcher each rank runs the ones it recorded (every ``world_size``-th) and gradients are
     summed over ranks, which is the single-process accumulation up to float rounding."""
@@ -93,7 +93,7 @@ def _train(modules, span, inputs, targets, total, trainable, options, device, se
             index = order.pop()
             if index % world != rank:
                 continue
-            with torch.enable_grad(), _autocast(device), _training_attention(device):
+            with torch.enable_grad(), autocast(device), _training_attention(device):
                 outputs = span_forward(modules, span, to_device(inputs[index // world], device), options.gradient_checkpointing)
                 squared, _, count = _errors(outputs, to_device(targets[index // world], device))
                 loss = squared / count
