@@ -31,6 +31,13 @@ class DiTAdapter(Adapter):
         kept = ("norm1.emb",) if name == "transformer_blocks.0" else ()
         return BlockSpec(outputs="hidden_states", kept_submodules=kept)
 
+    def describe_batch(self) -> dict[str, str]:
+        return {
+            "hidden_states": "(B, C, H/8, W/8) the noisy VAE latents (B doubled by classifier-free guidance)",
+            "timestep": "(B,) the scheduler's timestep",
+            "class_labels": "(B,) the ImageNet class ids (the prompt's label, or a hash of it; 1000 unconditional)",
+        }
+
     def call_pipeline(self, pipe, prompt, generator, num_inference_steps) -> None:
         pipe(class_labels=[class_label(pipe, prompt)], num_inference_steps=num_inference_steps, generator=generator,
              output_type="np")

@@ -18,6 +18,7 @@ class FluxAdapter(Adapter):
 
     name = "flux"
     chains_streams_by_name = True
+    flow_time_scale = 1.0
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ == "FluxTransformer2DModel"
@@ -27,6 +28,20 @@ class FluxAdapter(Adapter):
 
     def block_spec(self, name: str, block: nn.Module) -> BlockSpec:
         return TEXT_AND_IMAGE
+
+    def describe_batch(self) -> dict[str, str]:
+        return {
+            "hidden_states": "(B, image tokens, in_channels) the noisy latents in patches (FLUX.1: 2 × 2 × 16 = 64 "
+            "channels, 4096 tokens at 1024²)",
+            "encoder_hidden_states": "(B, text tokens, joint_attention_dim) the T5 text states",
+            "pooled_projections": "(B, pooled_projection_dim) the pooled CLIP embedding",
+            "timestep": "(B,) the noise level in [0, 1] (the scheduler's timestep / 1000)",
+            "img_ids": "(image tokens, 3) each image token's position (0, row, column) for the rotary embedding",
+            "txt_ids": "(text tokens, 3) zeros: the text tokens' positions",
+            "guidance": "(B,) the guidance scale of guidance-distilled models (FLUX.1-dev), else None",
+            "joint_attention_kwargs": "extra attention arguments (None)",
+            "return_dict": "False: the pipeline takes a tuple back",
+        }
 
 
 @hookimpl

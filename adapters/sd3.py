@@ -12,6 +12,7 @@ class SD3Adapter(Adapter):
 
     name = "sd3"
     chains_streams_by_name = True
+    flow_time_scale = 1000.0
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ == "SD3Transformer2DModel"
@@ -24,8 +25,15 @@ class SD3Adapter(Adapter):
             return BlockSpec(outputs=(None, "hidden_states"))
         return BlockSpec(outputs=("encoder_hidden_states", "hidden_states"))
 
-    def call_pipeline(self, pipe, prompt, generator, num_inference_steps) -> None:
-        pipe(prompt=prompt, num_inference_steps=num_inference_steps, generator=generator, output_type="latent")
+    def describe_batch(self) -> dict[str, str]:
+        return {
+            "hidden_states": "(B, C, H/8, W/8) the noisy VAE latents (B doubled by classifier-free guidance)",
+            "encoder_hidden_states": "(B, text tokens, joint_attention_dim) CLIP and T5 text states, concatenated",
+            "pooled_projections": "(B, pooled_projection_dim) the pooled CLIP embeddings",
+            "timestep": "(B,) the scheduler's timestep: the noise level × 1000",
+            "joint_attention_kwargs": "extra attention arguments (None)",
+            "return_dict": "False: the pipeline takes a tuple back",
+        }
 
 
 @hookimpl

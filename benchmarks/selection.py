@@ -5,7 +5,8 @@
     python benchmarks/selection.py --quick --output /tmp/s                # CPU smoke run (tiny counts)
 
 Each row compresses a copy of the model with one way of choosing blocks (the fixed orders, each built-in
-forward metric, ``output_mse`` with ``ablation="replace"``, and ``auto``), then samples the same prompts and
+forward metric, ``output_mse`` with ``ablation="replace"``, ``auto`` checking candidates on sampled images,
+and ``auto`` checking them on a latent trajectory as it does for a bare transformer), then samples the same prompts and
 noise as the unpruned model: teacher PSNR / SSIM, attribute accuracy, the checker's Fréchet distance, and the
 compress wall time. ``auto`` also reports every candidate's held-out output error. A table is printed last.
 """
@@ -24,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import blockprune  # noqa: E402
-from blockprune.runtime.forward import to_device  # noqa: E402
-from blockprune.toy import (  # noqa: E402
+import blockprune
+from blockprune.runtime.forward import to_device
+from blockprune.toy import (
     ToyPipeline,
     attribute_accuracy,
     calibration_batches,
@@ -45,7 +46,8 @@ SIGNALS = {  # label -> compress options
     "output_mse": {"importance": "output_mse"},
     "output_mse/replace": {"importance": "output_mse", "ablation": "replace"},
     "block_influence": {"importance": "block_influence"},
-    "auto": {"importance": "auto"},
+    "auto": {"importance": "auto"},  # given the pipeline: checks candidates on sampled images
+    "auto/trajectory": {"importance": "auto", "auto_check": "trajectory"},  # as on a bare transformer
 }
 
 
@@ -55,12 +57,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="calibration seed of this run")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     parser.add_argument("--sandwich", action="store_true", help="also run every row with sandwich training")
+    parser.add_argument("--labels", nargs="+", choices=list(SIGNALS), default=list(SIGNALS),
+                        help="which ways of choosing to run, in this order (default all)")
     parser.add_argument("--calibration", type=int, default=32, help="calibration batches (default 32)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per calibration batch (default 8)")
     parser.add_argument("--prompts", type=int, default=128, help="evaluation prompts (default 128)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "docs/results/selection")))
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="score cache shared by the rows (default: none, every row scores afresh)")
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny counts")
     args = parser.parse_args(argv)
     if args.quick:
@@ -73,7 +79,7 @@ def run_row(pipe, label, ratio, sandwich, calibration, args) -> tuple[ToyPipelin
     options = {"sandwich_steps": 3 if args.quick else 100, **SIGNALS[label]}
     started = time.perf_counter()
     blockprune.compress(model, adapter=ADAPTER[args.model], ratio=ratio, calibration=calibration, seed=args.seed,
-                        sandwich=sandwich, progress=False, cache_dir=False, **options)
+                        sandwich=sandwich, progress=False, cache_dir=args.cache_dir or False, **options)
     plan = blockprune.plan(model)
     return model, {"blocks": plan.replaced_names, "compress_s": time.perf_counter() - started,
                    "selection": plan.selection or None}
@@ -91,7 +97,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for sandwich in (False, True) if args.sandwich else (False,):
         for ratio in args.ratios:
-            for label in SIGNALS:
+            for label in args.labels:
                 model, row = run_row(pipe, label, ratio, sandwich, calibration, args)
                 images = generate(model, prompts, seeds, args.steps)
                 row.update({"model": args.model, "seed": args.seed, "ratio": ratio, "sandwich": sandwich,
@@ -101,7 +107,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 print(f"{args.model} {ratio:.0%} {'ST' if sandwich else 'LS'} {label:<20} psnr {row['psnr']:6.2f} "
                       f"acc {row['accuracy']:.3f} {row['compress_s']:6.1f} s", flush=True)
                 del model
-            write_json(args, rows)  # after each ratio, so a run cut short keeps what it finished
+                write_json(args, rows)  # after each row, so a run cut short keeps what it finished
     return rows
 
 
@@ -118,8 +124,8 @@ def print_table(rows: list[dict]) -> None:
           f"{'s':>6} {'auto - best (dB)':>16}")
     for row in rows:
         group = [r for r in rows if r["ratio"] == row["ratio"] and r["sandwich"] == row["sandwich"]]
-        best = max(r["psnr"] for r in group if r["label"] != "auto")
-        gap = f"{row['psnr'] - best:+.2f}" if row["label"] == "auto" else ""
+        best = max((r["psnr"] for r in group if not r["label"].startswith("auto")), default=None)
+        gap = f"{row['psnr'] - best:+.2f}" if row["label"].startswith("auto") and best is not None else ""
         print(f"{row['model']:<10} {row['ratio']:>5.0%} {'y' if row['sandwich'] else 'n':>3} {row['label']:<20} "
               f"{row['psnr']:6.2f} {row['ssim']:6.3f} {row['accuracy']:6.3f} {row['frechet']:8.4f} "
               f"{row['compress_s']:6.1f} {gap:>16}")

@@ -23,10 +23,16 @@ class Adapter:
 
     Set ``chains_streams_by_name`` when the host model hands every output stream of a block, unchanged,
     to the next block's input of the same name; :func:`blockprune.fuse` relies on it.
+
+    Set ``flow_time_scale`` for rectified-flow models whose forward takes noisy latents as ``hidden_states``,
+    a ``timestep`` equal to the noise level times this scale, and returns a velocity shaped like the latents
+    (FLUX: 1, SD3: 1000): ``importance="auto"`` then checks plans over a short latent trajectory when no
+    pipeline is at hand.
     """
 
     name: str = ""
     chains_streams_by_name: bool = False
+    flow_time_scale: float | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -60,9 +66,18 @@ class Adapter:
         """The model's residual blocks in data-flow order, each with its spec."""
         return [(name, self.block_spec(name, model.get_submodule(name))) for name in self.trace_targets(model)]
 
-    def call_pipeline(self, pipe: Any, prompt: str, generator: torch.Generator, num_inference_steps: int) -> None:
-        """Run ``pipe`` once on ``prompt``; used to record calibration inputs from a pipeline."""
-        pipe(prompt=prompt, num_inference_steps=num_inference_steps, generator=generator, output_type="latent")
+    def call_pipeline(
+        self, pipe: Any, prompt: str, generator: torch.Generator, num_inference_steps: int, **options: Any
+    ) -> None:
+        """Run ``pipe`` once on ``prompt``; used to record calibration inputs from a pipeline. ``options``
+        (``height``, ``width``, when the caller gives them) are passed on to the pipeline."""
+        pipe(prompt=prompt, num_inference_steps=num_inference_steps, generator=generator, output_type="latent",
+             **options)
+
+    def describe_batch(self) -> dict[str, str]:
+        """What each key of a calibration batch (the transformer's forward keyword arguments) holds, with its
+        shape; ``blockprune calibrate`` prints it beside the recorded shapes. Empty where unknown."""
+        return {}
 
     def lora_targets(self, block: nn.Module) -> list[str]:
         """Module names inside ``block`` that sandwich training puts LoRA on: by default the attention and MLP

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, replace
@@ -17,18 +18,25 @@ from .config import CompressConfig, SandwichConfig
 from .discovery.flops import block_flops, count_flops, count_parameters
 from .discovery.spec import Block
 from .errors import BlockpruneError
+from .native import attach_save_method, refuse_unfused_lora
 from .plan import PLAN_ATTRIBUTE, Plan, StageLog, transformer_of
+from .progress import mark_cached, progress_bars
 from .progressive import InterruptGuard, Progressive
-from .report import output_console, print_plan, progress_bars
+from .report import output_console, print_plan
 from .run import Run, prepare_run
 from .runtime import distributed
 from .runtime.fingerprint import data_fingerprint, model_fingerprint
-from .runtime.forward import model_device
+from .runtime.forward import evaluation_mode, model_device
 from .runtime.workdir import Workdir
 from .sandwich.reuse import LOG_ATTRIBUTE, assemble
 from .scoring import resolve_metrics
 from .scoring.auto import AUTO
 from .scoring.selection import ImportanceTable, score_run
+from .unused_options import (
+    given_options,
+    warn_unused_in_compress,
+    warn_unused_in_importance,
+)
 
 logger = logging.getLogger("blockprune")
 
@@ -62,7 +70,7 @@ def block_order(blocks: list[Block], order: str | list[str]) -> list[str]:
 def _workdir(run: Run, result: Plan, sandwich: SandwichConfig | None) -> Workdir:
     key = {
         "blockprune": __version__,
-        "model": model_fingerprint(run.transformer),
+        "model": result.model_fingerprint,
         "data": data_fingerprint(run.batches),
         "device": str(model_device(run.transformer)),
         "adapter": run.adapter.name,
@@ -86,7 +94,7 @@ def compress(
     calibration: Any = None,
     *,
     order: str | list[str] = "importance",
-    importance: str | list[str] | Mapping[str, float] = "fit_residual",
+    importance: str | list[str] | Mapping[str, float] = "auto",
     sandwich: bool = True,
     seed: int = 0,
     progress: bool = True,
@@ -99,9 +107,9 @@ def compress(
     ``model`` is a diffusers transformer or a pipeline holding one as ``.transformer``. ``calibration``
     is a list of dicts of keyword arguments for the transformer's forward; with a pipeline it may be
     left out and is then recorded from the pipeline on bundled prompts. Blocks are replaced one at a
-    time in ``order`` (``"importance"`` ranks them by the ``importance`` metrics; ``importance="auto"`` instead
-    builds candidate plans from several metrics and fixed orders and keeps the one whose one-step output error
-    on held-out calibration batches is lowest), each fitted on
+    time in ``order`` (``"importance"`` ranks them by the ``importance`` metrics; the default ``"auto"`` builds
+    candidate plans from several metrics and fixed orders and keeps the one closest to the intact model on
+    held-out calibration, checked over several denoising steps: :mod:`blockprune.scoring.auto`), each fitted on
     activations of the model as it is after the earlier replacements; with ``sandwich`` each replacement
     is followed by sandwich training of its span. With ``workdir=`` finished work is saved as it goes and
     the same call resumes after an interruption. Other settings come as a :class:`~blockprune.CompressConfig`
@@ -122,10 +130,14 @@ def compress(
     sandwich_config = settings.sandwich if sandwich else None
     if hasattr(transformer, PLAN_ATTRIBUTE):
         raise BlockpruneError("this model is already compressed; compress the original model instead")
+    refuse_unfused_lora(transformer)
     weights = _importance_weights(importance, order, settings)
+    warn_unused_in_compress(given_options(options), settings, sandwich=sandwich, order=order, importance=importance,
+                            recording=calibration is None and model is not transformer, trainable=kind.trainable)
     torch.manual_seed(seed)
     with contextlib.ExitStack() as stack:
-        run = prepare_run(model, adapter, calibration, device, settings, stack)
+        stack.enter_context(evaluation_mode(transformer))  # no dropout; the caller's modes come back after
+        run = prepare_run(model, adapter, calibration, device, settings, stack, progress=progress)
         result = Plan(run.adapter.name, ratio, order, [b.name for b in run.blocks], seed=seed, importance=dict(weights))
         result.sandwich = asdict(sandwich_config) if sandwich_config else {}
         result.surrogate = settings.surrogate
@@ -136,6 +148,7 @@ def compress(
 
 def _importance_weights(importance: Any, order: Any, settings: CompressConfig) -> dict[str, float]:
     """The metric weights the plan records (``{"auto": 1.0}`` for a validated selection); bad names fail here."""
+    _check_weights(importance)
     if order != "importance" or settings.reuse_from is not None:
         return {}
     if isinstance(importance, str) and importance == AUTO:
@@ -146,6 +159,18 @@ def _importance_weights(importance: Any, order: Any, settings: CompressConfig) -
             )
         return {AUTO: 1.0}
     return resolve_metrics(importance)[0]
+
+
+def _check_weights(importance: Any) -> None:
+    """Each weight of an ``importance={name: weight}`` dict is a finite number ≥ 0 (inf gave NaN scores)."""
+    if isinstance(importance, Mapping):
+        for name, weight in importance.items():
+            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not (
+                    weight >= 0 and math.isfinite(weight)):
+                raise BlockpruneError(
+                    f"importance weight of {name!r} is {weight!r}; each weight must be a finite number ≥ 0, "
+                    f"e.g. importance={{'fid': 0.5, 'clip': 0.5}}"
+                )
 
 
 def _compress_run(run: Run, result: Plan, importance: Any, sandwich: SandwichConfig | None, progress: bool) -> None:
@@ -161,8 +186,13 @@ def _compress_run(run: Run, result: Plan, importance: Any, sandwich: SandwichCon
         raise BlockpruneError(
             f"order lists {len(fixed)} blocks but ratio {result.ratio} replaces {count}; list more blocks")
     result.params_before = count_parameters(transformer)
-    result.flops_before = count_flops(transformer, run.batches[0])
-    flops_of_block = block_flops(transformer, [b.name for b in blocks], run.batches[0])
+    result.model_fingerprint = model_fingerprint(transformer)  # before any change: reuse_from checks it
+    with progress_bars(progress) as bars:  # two forward passes under torch's FLOP counter
+        task = bars.add_task("counting FLOPs (whole model, each block)", total=2)
+        result.flops_before = count_flops(transformer, run.batches[0])
+        bars.advance(task)
+        flops_of_block = block_flops(transformer, [b.name for b in blocks], run.batches[0])
+        bars.advance(task)
     reuse_from = run.config.reuse_from
     if reuse_from is not None:
         log = _reuse(run, result, count, reuse_from)
@@ -180,6 +210,7 @@ def _compress_run(run: Run, result: Plan, importance: Any, sandwich: SandwichCon
             raise
         finally:
             if workdir is not None:
+                workdir.close()
                 result.workdir_bytes = workdir.disk_usage()
                 logger.info("workdir %s uses %.1f MB", workdir.path, result.workdir_bytes / 1e6)
     _finish(transformer, result, log, run.batches[0], flops_of_block)
@@ -189,7 +220,7 @@ def _compress_run(run: Run, result: Plan, importance: Any, sandwich: SandwichCon
 
 def _reuse(run: Run, result: Plan, count: int, reuse_from: Any) -> StageLog:
     """Assemble ``count`` replacements from a higher-ratio run; its plan's entries go into ``result``."""
-    higher, log = assemble(run.transformer, run.blocks, count, reuse_from)
+    higher, log = assemble(run.transformer, run.blocks, count, reuse_from, result.model_fingerprint)
     result.replaced, result.stages = higher.replaced[:count], higher.stages[:count]
     result.scores, result.metric_values, result.sandwich = higher.scores, higher.metric_values, higher.sandwich
     result.surrogate = higher.surrogate
@@ -204,6 +235,7 @@ def _finish(transformer: torch.nn.Module, result: Plan, log: StageLog, batch: di
     result.replaced = [replace(entry, flops=flops_of_block.get(entry.name)) for entry in result.replaced]
     setattr(transformer, PLAN_ATTRIBUTE, result)
     setattr(transformer, LOG_ATTRIBUTE, log)
+    attach_save_method(transformer)  # model.save_pretrained(folder) writes blockprune's format
 
 
 def importance(
@@ -227,15 +259,20 @@ def importance(
             "importance='auto' chooses a plan for a given ratio and so runs inside compress(); to see per-block "
             "scores, name the metrics, e.g. importance=['fit_residual', 'output_mse']"
         )
+    _check_weights(importance)
     resolve_metrics(importance)  # bad metric names fail before any work
     settings = CompressConfig.from_options(options, base=config)
+    recording = calibration is None and model is not transformer_of(model)
+    warn_unused_in_importance(given_options(options), recording=recording)
     distributed.init_from_environment()
     device = device if device is not None else distributed.default_device()
     progress = progress and distributed.is_main()
     with contextlib.ExitStack() as stack:  # holds the offload, if any, until scoring is done
-        run = prepare_run(model, adapter, calibration, device, settings, stack)
+        stack.enter_context(evaluation_mode(transformer_of(model)))  # no dropout; the caller's modes come back after
+        run = prepare_run(model, adapter, calibration, device, settings, stack, progress=progress)
         with progress_bars(progress) as bars:
             table = score_run(run, importance, bars=bars)
+            mark_cached(bars, set(), table.cached, list(table.values))
     if progress:
         output_console().print(table.table())
     return table

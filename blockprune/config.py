@@ -65,8 +65,10 @@ class ScoringConfig:
     cache_dir: str | os.PathLike | bool | None = field(default=None, metadata=OUTSIDE_KEY)
     auto_held_out: float = 0.25  # importance="auto": share of the scoring batches kept out to check each plan
     auto_refine: int = 1  # importance="auto": rounds of greedy block swaps after the best candidate (0: none)
-    # importance="auto": check candidates on sampled "images" (needs a pipeline), one-step "outputs", or "auto"
+    # importance="auto": check candidates on sampled "images" (needs a pipeline), a latent "trajectory" (rectified
+    # flow), one-step "outputs", or "auto" (images with a pipeline, else trajectory where the adapter allows)
     auto_check: str = "auto"
+    auto_check_batches: int = 8  # importance="auto": held-out batches a trajectory or outputs check runs on
 
     def __post_init__(self) -> None:
         _one_of("ablation", self.ablation, ABLATIONS)
@@ -77,7 +79,8 @@ class ScoringConfig:
         if isinstance(self.auto_refine, bool) or not isinstance(self.auto_refine, int) or self.auto_refine < 0:
             raise BlockpruneError(f"auto_refine must be an integer ≥ 0 (rounds of greedy swaps), got {self.auto_refine!r}")
         _one_of("rescore", self.rescore, RESCORE)
-        _one_of("auto_check", self.auto_check, ("auto", "images", "outputs"))
+        _one_of("auto_check", self.auto_check, ("auto", "images", "trajectory", "outputs"))
+        _positive_int("auto_check_batches", self.auto_check_batches)
         if self.score_batches is not None:
             _positive_int("score_batches", self.score_batches)
         if self.metric_options is not None and not isinstance(self.metric_options, Mapping):
@@ -90,11 +93,14 @@ class SandwichConfig:
     """How each sandwich stage trains; passed to ``compress`` as ``sandwich_<field>`` (``lora_*`` as is)."""
 
     width: int = 3  # 1: linear layers alone; 3: + nearest unreplaced neighbours (paper); 5: two per side
-    steps: int = 100  # optimizer steps per stage
-    lr: float = 1e-4  # AdamW learning rate
+    steps: int = 100  # optimizer steps per stage at most (the held-out guard may stop it earlier)
+    lr: float | str = "auto"  # AdamW peak rate, or "auto": the best of a short probe of each rate in LR_GRID
     batch_size: int = 1  # calibration batches per optimizer step (gradients accumulated)
-    split: float = 0.5  # share of calibration batches for training; the rest fit the least squares
-    held_out: float = 0.25  # share of the training batches held out for the before/after report
+    split: float = 1.0  # share of the batches not held out that train; the least squares fit on all of them
+    held_out: float = 0.2  # share of the calibration batches held out: the guard's check and the report
+    eval_every: int = 10  # steps between held-out checks; the best weights seen are kept
+    patience: int = 3  # checks in a row without improvement before the stage stops early
+    heal_steps: int = 0  # global healing after the last replacement: steps at most (0: off; docs/results.md)
     target: str = "local"  # "local": original blocks on the span's input; "global": unpruned model's activation
     lora_rank: int = 16  # rank of the LoRA on the span's unreplaced blocks
     lora_alpha: float = 16.0  # LoRA scaling numerator (the update is scaled by alpha / rank)
@@ -107,14 +113,19 @@ class SandwichConfig:
     def __post_init__(self) -> None:
         if self.width not in WIDTHS:
             raise BlockpruneError(f"sandwich_width must be 1, 3 or 5, got {self.width!r}")
-        for name in ("steps", "batch_size", "lora_rank"):
+        for name in ("steps", "batch_size", "lora_rank", "eval_every", "patience"):
             _positive_int(_sandwich_option(name), getattr(self, name))
-        for name in ("lr", "lora_alpha", "activation_budget"):
+        if isinstance(self.heal_steps, bool) or not isinstance(self.heal_steps, int) or self.heal_steps < 0:
+            raise BlockpruneError(f"heal_steps must be an integer ≥ 0 (0 turns healing off), got {self.heal_steps!r}")
+        if self.lr != "auto":
+            _positive_number(_sandwich_option("lr"), self.lr)
+        for name in ("lora_alpha", "activation_budget"):
             _positive_number(_sandwich_option(name), getattr(self, name))
-        for name in ("split", "held_out"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
-                raise BlockpruneError(f"{_sandwich_option(name)} must be strictly between 0 and 1, got {value!r}")
+        if isinstance(self.held_out, bool) or not isinstance(self.held_out, numbers.Real) or not 0 < self.held_out < 1:
+            raise BlockpruneError(f"sandwich_held_out must be strictly between 0 and 1, got {self.held_out!r}")
+        if isinstance(self.split, bool) or not isinstance(self.split, numbers.Real) or not 0 < self.split <= 1:
+            raise BlockpruneError(f"sandwich_split must be in (0, 1] (1: every batch not held out trains), got "
+                                  f"{self.split!r}")
         for name in ("gradient_checkpointing", "train_surrogates"):
             _boolean(_sandwich_option(name), getattr(self, name))
         if self.target not in TARGETS:
@@ -217,7 +228,7 @@ def _json_ready(value: Any) -> Any:
 
 
 def _sandwich_option(name: str) -> str:
-    return name if name.startswith("lora_") else f"sandwich_{name}"
+    return name if name.startswith(("lora_", "heal_")) else f"sandwich_{name}"
 
 
 def option_names() -> list[str]:

@@ -23,3 +23,7 @@ class CompressionInterrupted(KeyboardInterrupt):
 
 class IllConditionedWarning(UserWarning):
     """A least-squares system had too few tokens or a huge condition number."""
+
+
+class UnusedOptionWarning(UserWarning):
+    """A keyword option was given that does nothing in this call (``sandwich_*`` with ``sandwich=False`` ...)."""

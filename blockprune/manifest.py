@@ -50,6 +50,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BlockpruneError(f"{path} is not valid JSON ({error}); the folder is damaged") from error
+    if isinstance(manifest, dict) and manifest.get("contents") == "pipeline":
+        raise BlockpruneError(
+            f"{directory} holds a whole pipeline saved by blockprune; load it with blockprune.from_pretrained, or pass "
+            f"its transformer folder, {directory / 'transformer'}"
+        )
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version not in READABLE_VERSIONS:
         raise BlockpruneError(
@@ -133,8 +138,11 @@ def model_class(name: Any) -> type:
     return cls
 
 def load_config(cls: type, directory: Path) -> dict[str, Any]:
+    """The model's ``config.json``, without the marker that stops diffusers' own loaders."""
+    from .native import unmark_config
+
     try:
-        return cls.load_config(directory)
+        return unmark_config(cls.load_config(directory))
     except (OSError, ValueError) as error:  # diffusers: EnvironmentError for a missing or unparsable config.json
         problem = f"could not be read as the {cls.__name__} config ({error})"
         raise damaged(directory / "config.json", problem) from error

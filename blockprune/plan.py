@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -72,6 +73,8 @@ class Plan:
     config: dict[str, Any] = field(default_factory=dict)  # the run's CompressConfig, JSON-ready
     # importance="auto": every candidate plan's held-out output error, and the one chosen
     selection: dict[str, Any] = field(default_factory=dict)
+    model_fingerprint: str | None = None  # of the model before compression: reuse_from refuses another model
+    heal: dict[str, Any] = field(default_factory=dict)  # global healing's report (HealReport fields), if it ran
 
     @property
     def replaced_names(self) -> list[str]:
@@ -96,10 +99,12 @@ class Plan:
 
 
 def transformer_of(model: Any) -> nn.Module:
-    """The transformer itself, given a transformer or a diffusers pipeline holding one as ``.transformer``."""
-    if isinstance(model, nn.Module):
-        return model
-    transformer = getattr(model, "transformer", None)
+    """The transformer itself, given a transformer or a diffusers pipeline holding one as ``.transformer``; a
+    ``torch.compile``d one gives the model it wraps."""
+    transformer = model if isinstance(model, nn.Module) else getattr(model, "transformer", None)
+    compiled = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    if compiled is not None and isinstance(transformer, compiled.OptimizedModule):
+        transformer = transformer._orig_mod
     if isinstance(transformer, nn.Module):
         return transformer
     raise BlockpruneError(
@@ -132,6 +137,15 @@ class StageReport:
     peak_memory_bytes: int | None
     spilled_items: int = 0
     train_seconds: float = 0.0
+    best_step: int | None = None  # the step whose weights were kept; 0: training never beat the start
+    steps_run: int | None = None  # steps trained before the early stop (probes of other rates not counted)
+    lr: float | None = None  # the peak rate trained with (lr="auto": the probe's winner)
+    lr_errors: dict[str, float] = field(default_factory=dict)  # lr="auto": held-out error after each rate's probe
+
+    @property
+    def reverted(self) -> bool:
+        """Whether training never beat the stage's starting weights, which were therefore kept."""
+        return self.best_step == 0
 
 
 @dataclass

@@ -22,9 +22,11 @@ from .config import SandwichConfig
 from .discovery.spec import Block
 from .errors import BlockpruneError, CompressionInterrupted
 from .plan import Plan, ReplacedBlock, StageLog, StageReport, StreamReport
+from .progress import mark_cached
 from .runtime.forward import model_device
 from .runtime.workdir import Workdir
 from .sandwich import train_stage
+from .sandwich.heal import heal, reference_outputs
 from .sandwich.reuse import components_to_tensors, tensors_to_components
 from .scoring.auto import AUTO, auto_select
 from .scoring.selection import ImportanceTable, score_run
@@ -53,23 +55,24 @@ class InterruptGuard:
             self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
 
 
 def split_batches(batches: list[dict], share: float, held_out: float, seed: int) -> tuple[list, list, list]:
-    """(least-squares, training, held-out) batches: a seeded shuffle cut by ``share`` and ``held_out``."""
+    """(least-squares, training, held-out) batches from a seeded shuffle: ``held_out`` of them are held out, the
+    least squares fit on all the others, and ``share`` of the others train."""
     if len(batches) < 3:
         raise BlockpruneError(
-            f"sandwich training needs at least 3 calibration batches (least squares, training, held-out), got "
+            f"sandwich training needs at least 3 calibration batches (two to fit and train on, one held out), got "
             f"{len(batches)}; pass more batches or sandwich=False"
         )
     order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
-    training = min(max(2, round(share * len(batches))), len(batches) - 1)
-    held = min(max(1, round(held_out * training)), training - 1)
-    least_squares, train = order[: len(batches) - training], order[len(batches) - training :]
-    return ([batches[i] for i in sorted(indices)] for indices in (least_squares, train[:-held], train[-held:]))
+    held = min(max(1, round(held_out * len(batches))), len(batches) - 2)
+    rest, held_indices = order[held:], order[:held]
+    train = rest[: max(1, round(share * len(rest)))]
+    return ([batches[i] for i in sorted(indices)] for indices in (rest, train, held_indices))
 
 
 @dataclass
@@ -89,6 +92,7 @@ class Progressive:
     replaced: set[str] = field(default_factory=set)
     originals: dict[str, nn.Module] = field(default_factory=dict)
     table: ImportanceTable | None = None
+    task: Any = None  # the stages' progress bar, once the first block is chosen
 
     def __post_init__(self) -> None:
         self.by_name: dict[str, Block] = {b.name: b for b in self.run.blocks}
@@ -100,9 +104,13 @@ class Progressive:
             )
 
     def execute(self, bars: Any, guard: InterruptGuard) -> None:
-        """Run (or, from the workdir, restore) every stage; stop at a safe point when ``guard`` asks."""
-        task = bars.add_task("replacing blocks" + (" + sandwich training" if self.sandwich else ""), total=self.count)
+        """Run (or, from the workdir, restore) every stage, then healing; stop at a safe point when ``guard`` asks."""
         each = self.run.config.scoring.rescore == "each"
+        healing = self.sandwich is not None and self.sandwich.heal_steps > 0
+        if healing:  # the model is still intact here, resumed or not
+            with self._timed("heal"):
+                targets = (reference_outputs(self.run.transformer, self.train),
+                           reference_outputs(self.run.transformer, self.held))
         for step in range(self.count):
             saved = None
             if self.workdir is not None:
@@ -113,11 +121,47 @@ class Progressive:
                 self._restore(*saved)
             else:
                 self._stage(step, bars)
-            bars.advance(task)
+            bars.advance(self._stages_bar(bars))
             if guard.requested and step < self.count - 1:
                 where = (f"run the same call again with workdir={str(self.workdir.path)!r} to resume"
                          if self.workdir is not None else "nothing was saved: pass workdir=... to make runs resumable")
                 raise CompressionInterrupted(f"compress interrupted after stage {step + 1} of {self.count}; {where}")
+        if healing:
+            self._heal(*targets)
+
+    def _heal(self, train_targets: list[torch.Tensor], held_targets: list[torch.Tensor]) -> None:
+        """Global healing after the last stage, saved to (or restored from) the workdir as stage ``count``."""
+        model = self.run.transformer
+        saved = self.workdir.load_stage(self.count) if self.workdir is not None else None
+        if saved is not None:
+            record, tensors = saved
+            for name in record["touched"]:
+                prefix = f"model/{name}/"
+                module = model.get_submodule(name)
+                device = model_device(module)
+                module.load_state_dict({k[len(prefix):]: v.to(device) for k, v in tensors.items()
+                                        if k.startswith(prefix)}, strict=True)
+            self.plan.heal = record["heal"]
+            return
+        kept = [b.name for b in self.run.blocks if b.name not in self.replaced]
+        surrogates = [b.name for b in self.run.blocks if b.name in self.replaced]
+        with self._timed("heal"):
+            report = heal(model, self.run.adapter, kept, surrogates, self.train, train_targets, self.held,
+                          held_targets, self.sandwich, self.seed + self.count)
+        self.plan.heal = asdict(report)
+        logger.info("healing: held-out output error %.4g → %.4g%s", report.relative_error_before,
+                    report.relative_error_after, " (reverted: no step beat the start)" if report.reverted else "")
+        if self.workdir is not None:
+            touched = kept + surrogates
+            tensors = {f"model/{name}/{k}": v for name in touched for k, v in model.get_submodule(name).state_dict().items()}
+            self.workdir.save_stage(self.count, {"heal": self.plan.heal, "touched": touched}, tensors)
+
+    def _stages_bar(self, bars: Any) -> Any:
+        """The stages' bar, opened after the first scoring so that the bars stand in the order the work runs."""
+        if self.task is None:
+            self.task = bars.add_task("replacing blocks" + (" + sandwich training" if self.sandwich else ""),
+                                      total=self.count)
+        return self.task
 
     def _choose(self, step: int, bars: Any) -> str:
         if self.fixed is not None:
@@ -134,7 +178,9 @@ class Progressive:
                     if self.importance == AUTO:
                         self.table = auto_select(self.run, remaining, self.count, bars)
                     else:
+                        earlier = set(bars.task_ids)
                         self.table = score_run(self.run, self.importance, remaining, bars)
+                        mark_cached(bars, earlier, self.table.cached, list(self.table.values))
                 if self.workdir is not None:
                     self.workdir.write_json(name, self.table.to_dict())
             if step == 0:
@@ -169,6 +215,7 @@ class Progressive:
     def _stage(self, step: int, bars: Any) -> None:
         model, config = self.run.transformer, self.run.config
         name = self._choose(step, bars)
+        self._stages_bar(bars)
         self._keep_original([name])
         home = model_device(model.get_submodule(name))
         with self._timed("least_squares"):

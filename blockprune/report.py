@@ -1,32 +1,16 @@
-"""Rich progress bars and the plan table."""
+"""The plan, stages, selection and calibration tables (the progress bars are in :mod:`.progress`)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Mapping
+from typing import Any
 
 from rich import box
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
 from .plan import Plan
-
-
-@contextlib.contextmanager
-def progress_bars(enabled: bool) -> Iterator[Progress]:
-    """A rich progress display (one bar per phase), silent when ``enabled`` is false."""
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled
-    )
-    with progress:
-        yield progress
+from .progress import progress_bars  # noqa: F401 - where callers found it before progress.py
 
 
 def format_count(value: float | None) -> str:
@@ -77,8 +61,10 @@ def plan_table(plan: Plan) -> Table:
 def stages_table(plan: Plan) -> Table:
     """Sandwich stages: span, loss and relative span error on held-out batches before and after training."""
     table = Table(title="sandwich training (held-out batches)", box=box.SIMPLE)
-    for column in ("#", "block", "span", "loss before", "loss after", "rel. error before", "rel. error after", "peak GPU"):
-        table.add_column(column, justify="left" if column in ("block", "span") else "right")
+    # two-line headers and unwrapped names: the table fits 120 columns with FLUX's longest block names
+    for column in ("#", "block", "span", "loss\nbefore", "loss\nafter", "rel. error\nbefore", "rel. error\nafter",
+                   "peak\nGPU"):
+        table.add_column(column, justify="left" if column in ("block", "span") else "right", no_wrap=True)
     for index, stage in enumerate(plan.stages, 1):
         peak = "-" if stage.peak_memory_bytes is None else f"{stage.peak_memory_bytes / 2**30:.2f} GiB"
         table.add_row(
@@ -99,6 +85,25 @@ def selection_table(plan: Plan) -> Table:
         table.add_column(column, justify="left" if column != "held-out rel. error" else "right")
     for name, error in sorted(selection["candidates"].items(), key=lambda item: item[1]):
         table.add_row(name, f"{error:.4g}", "chosen" if name == selection["chosen"] else "")
+    return table
+
+
+def _shape(value: Any) -> str:
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return " × ".join(map(str, value.shape)) or "scalar"
+    if isinstance(value, Mapping):
+        return f"dict of {len(value)}"
+    return repr(value) if len(repr(value)) <= 24 else type(value).__name__
+
+
+def calibration_table(batches: list[dict[str, Any]], descriptions: Mapping[str, str], title: str) -> Table:
+    """One row per key of the first batch: its shape (or value), dtype and what it holds (``descriptions``)."""
+    table = Table(title=title, box=box.SIMPLE)
+    for column in ("key", "shape / value", "dtype", "what it holds"):
+        table.add_column(column, no_wrap=column != "what it holds")
+    for key, value in batches[0].items():
+        dtype = str(value.dtype).removeprefix("torch.") if hasattr(value, "dtype") else "-"
+        table.add_row(key, _shape(value), dtype, descriptions.get(key, ""))
     return table
 
 

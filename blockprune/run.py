@@ -21,6 +21,7 @@ from .discovery.resolve import resolve_blocks
 from .discovery.spec import Block
 from .errors import BlockpruneError
 from .plan import transformer_of
+from .progress import progress_bars
 from .runtime.offload import Offload
 
 
@@ -55,12 +56,15 @@ def prepare_run(
     device: str | torch.device | None,
     config: CompressConfig,
     stack: contextlib.ExitStack | None = None,
+    progress: bool = False,
 ) -> Run:
     """Resolve the transformer, adapter, calibration batches and blocks (verified on one forward pass).
 
     With the ``offload`` option the model is put under :class:`Offload` on ``device`` until ``stack`` closes.
+    With ``progress``, recording calibration from a pipeline shows a bar.
     """
     transformer = transformer_of(model)
+    _check_not_meta(transformer)
     pipeline = None if model is transformer else model
     chosen = plugins.get_adapter(transformer, adapter)
     offload = None
@@ -71,14 +75,27 @@ def prepare_run(
     elif device is not None:
         transformer.to(device)
     if calibration is None and pipeline is not None:
-        batches = record_pipeline_calibration(
-            pipeline,
-            chosen,
-            list(config.calibration_prompts or bundled_prompts()),
-            num_inference_steps=config.calibration_steps,
-            steps_per_prompt=config.steps_per_prompt,
-        )
+        with progress_bars(progress) as bars:
+            batches = record_pipeline_calibration(
+                pipeline,
+                chosen,
+                list(config.calibration_prompts or bundled_prompts()),
+                num_inference_steps=config.calibration_steps,
+                steps_per_prompt=config.steps_per_prompt,
+                bars=bars,
+            )
     else:
         batches = prepare_calibration(calibration)
     blocks = resolve_blocks(transformer, chosen, batches[0])
     return Run(transformer, pipeline, chosen, batches, blocks, config, offload)
+
+
+def _check_not_meta(model: nn.Module) -> None:
+    """Refuse a model whose weights were never loaded (on the meta device) before any work."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise BlockpruneError(
+                f"{type(model).__name__} has weights on the meta device ({name} and maybe more): they were never "
+                f"loaded (init_empty_weights, device_map, or diffusers' enable_sequential_cpu_offload put them "
+                f"there); load the model with its weights, and use compress(offload=True, device=...) to save memory"
+            )

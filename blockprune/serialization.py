@@ -28,9 +28,19 @@ from .manifest import (
     read_manifest,
     saved_dtype,
 )
+from .native import attach_save_method, mark_config, refuse_unsaveable
+from .pipelines import (
+    is_diffusers_pipeline,
+    is_pipeline_folder,
+    load_pipeline,
+    save_pipeline,
+)
 from .plan import PLAN_ATTRIBUTE, Plan, plan, transformer_of
 from .runtime import distributed
+from .runtime.staging import staged_folder
 from .sandwich.reuse import LOG_ATTRIBUTE, STAGES_FILE, load_stage_log, save_stage_log
+
+DEFAULT_SHARD_BYTES = 10 * 2**30
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -50,58 +60,57 @@ def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[s
     return shards
 
 
-def _remove_earlier_weights(directory: Path) -> None:
-    """Delete weight files of an earlier save into ``directory``: a stale index would win on load, and stale
-    shards would be read by ``reuse_from``."""
-    for path in [directory / INDEX, directory / WEIGHTS, *directory.glob("model-*-of-*.safetensors")]:
-        path.unlink(missing_ok=True)
-
-
-def _refuse_adapter_layers(model: torch.nn.Module) -> None:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    wrapped = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
-    if wrapped:
-        raise BlockpruneError(
-            f"the model has LoRA (peft) layers, e.g. {wrapped[0]}, which from_pretrained could not rebuild; merge them "
-            f"first with model.fuse_lora() and model.unload_lora(), or save the adapter apart with save_lora_adapter()"
-        )
+def _earlier_files(directory: Path) -> list[str]:
+    """Files of an earlier save into ``directory`` that a new save replaces or must delete: a stale index would win
+    on load, stale shards would be read by ``reuse_from``, stale stages would be reused for the wrong run."""
+    if not directory.is_dir():
+        return []
+    paths = [directory / INDEX, directory / WEIGHTS, directory / STAGES_FILE, *directory.glob("model-*-of-*.safetensors")]
+    return [path.name for path in paths if path.exists()]
 
 
 def save_pretrained(
-    model: Any, directory: str | os.PathLike, max_shard_bytes: int = 10 * 2**30, fuse: bool = False
+    model: Any, directory: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES, fuse: bool = False
 ) -> None:
-    """Write a compressed transformer (or a pipeline's) to ``directory``.
+    """Write a compressed transformer, or a whole diffusers pipeline holding one, to ``directory``.
 
-    Files: the diffusers ``config.json`` of the base model, safetensors with the kept blocks' and the
-    surrogates' weights (none of the replaced blocks'), sharded past ``max_shard_bytes``, and
-    ``blockprune.json`` (format version, adapter, replaced blocks with their stream shapes, dtype, plan),
-    written by rank 0 alone under a distributed launch,
-    and, after sandwich training, ``stages.safetensors`` with each stage's trained components (for reuse).
+    A transformer's files: the diffusers ``config.json`` of the base model (marked so that diffusers' own loaders
+    refuse it by name), safetensors with the kept blocks' and the surrogates' weights (none of the replaced
+    blocks'), sharded past ``max_shard_bytes``, ``blockprune.json`` (format version, adapter, replaced blocks with
+    their stream shapes, dtype, plan), and, after sandwich training, ``stages.safetensors`` with each stage's
+    trained components (for reuse). A ``DiffusionPipeline`` is written by its own ``save_pretrained`` (the
+    transformer in ``transformer/``, in blockprune's format) plus a ``blockprune.json`` naming the pipeline;
+    :func:`from_pretrained` returns it whole. Under a distributed launch rank 0 alone writes. Everything goes to a
+    temporary folder first, so a failed save leaves ``directory`` as it was. A ``torch.compile``d model is saved
+    as the model it wraps; quantized models and peft layers are refused before anything is written.
     With ``fuse=True`` the model is first fused in place (:func:`blockprune.fuse`, on every rank). The
     default keeps the per-block maps, which retraining and ``reuse_from`` need, and leaves the model as it is.
     """
+    if is_diffusers_pipeline(model):
+        save_pipeline(model, Path(directory), max_shard_bytes, fuse)
+        return
     transformer = transformer_of(model)
     compressed = plan(transformer)
-    if fuse:
-        fuse_runs(transformer)
-    if not distributed.is_main():  # under a distributed launch rank 0 alone writes
-        return
     if not hasattr(transformer, "save_config"):
         raise BlockpruneError(
             f"save_pretrained needs a diffusers model with a config (ConfigMixin); {type(transformer).__name__} has none"
         )
-    _refuse_adapter_layers(transformer)
+    refuse_unsaveable(transformer)
+    if fuse:
+        fuse_runs(transformer)
+    if not distributed.is_main():  # under a distributed launch rank 0 alone writes
+        return
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    transformer.save_config(directory)
-    _write_weights(transformer, directory, max_shard_bytes)
-    (directory / MANIFEST).write_text(json.dumps(_manifest(transformer, compressed), indent=2))
-    log = getattr(transformer, LOG_ATTRIBUTE, None)
-    if log is not None and log.blocks:
-        save_stage_log(log, directory)
-    else:
-        (directory / STAGES_FILE).unlink(missing_ok=True)  # an earlier run's stages must not be reused for this one
+    if directory.exists() and not directory.is_dir():
+        raise BlockpruneError(f"{directory} is a file; pass a folder to save the model to")
+    with staged_folder(directory, stale=_earlier_files(directory)) as staging:
+        transformer.save_config(staging)
+        mark_config(staging / "config.json")
+        _write_weights(transformer, staging, max_shard_bytes)
+        (staging / MANIFEST).write_text(json.dumps(_manifest(transformer, compressed), indent=2))
+        log = getattr(transformer, LOG_ATTRIBUTE, None)
+        if log is not None and log.blocks:
+            save_stage_log(log, staging)
 
 
 def _write_weights(transformer: torch.nn.Module, directory: Path, max_shard_bytes: int) -> None:
@@ -113,7 +122,6 @@ def _write_weights(transformer: torch.nn.Module, directory: Path, max_shard_byte
         state[key] = tensor.clone() if tensor.data_ptr() in seen else tensor
         seen[tensor.data_ptr()] = key
     shards = _shards(state, max_shard_bytes)
-    _remove_earlier_weights(directory)
     if len(shards) == 1:
         save_file(shards[0], directory / WEIGHTS, metadata={"format": "pt"})
     else:
@@ -184,16 +192,28 @@ def _check_tensors(model: torch.nn.Module, state: dict[str, torch.Tensor], direc
 
 def from_pretrained(
     directory: str | os.PathLike, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None
-) -> torch.nn.Module:
-    """Rebuild a model written by :func:`save_pretrained`, without materialising the replaced blocks' weights.
+) -> Any:
+    """Rebuild a model (or a whole pipeline) written by :func:`save_pretrained` or by the compressed model's own
+    ``save_pretrained``, without materialising the replaced blocks' weights.
 
-    Put it back into a pipeline with ``pipe.transformer = blockprune.from_pretrained(folder)``. Without
-    ``torch_dtype`` the tensors keep the dtypes they were saved in, and buffers the files do not hold (non-persistent
-    ones) take the saved dtype; with it, everything is loaded in ``torch_dtype``. Only a diffusers model class is
-    built, looked up by name among diffusers' exports, and weights are read only from safetensors files inside
-    ``directory``; a damaged or edited folder raises :class:`BlockpruneError`.
+    A pipeline folder (``model_index.json`` with the transformer in blockprune's format) gives the pipeline; a model
+    folder gives the model, which goes back into a pipeline with ``pipe.transformer = blockprune.from_pretrained(
+    folder)``. Without ``torch_dtype`` the tensors keep the dtypes they were saved in, and buffers the files do not
+    hold (non-persistent ones) take the saved dtype; with it, everything is loaded straight in ``torch_dtype``
+    (except the modules the class keeps in float32, as diffusers does). Only diffusers (and, in a pipeline,
+    transformers) classes are built, looked up by name among those packages' exports, and weights are read only
+    from safetensors files inside ``directory``; a damaged or edited folder raises :class:`BlockpruneError`.
     """
     directory = Path(directory)
+    if is_pipeline_folder(directory):
+        return load_pipeline(directory, torch_dtype, device)
+    return load_model(directory, torch_dtype, device)
+
+
+def load_model(
+    directory: Path, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> torch.nn.Module:
+    """The compressed model saved in the model folder ``directory`` (see :func:`from_pretrained`)."""
     manifest = read_manifest(directory)
     cls = model_class(manifest["model_class"])
     dtype = saved_dtype(manifest, directory)
@@ -204,13 +224,12 @@ def from_pretrained(
         _put_surrogate(model, entry, directory)
     state = load_weights(directory)
     _check_tensors(model, state, directory)
-    if torch_dtype is not None:  # loaded straight into the asked dtype
-        state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if torch_dtype is not None:  # loaded straight into the asked dtype: no cast of the model afterwards
+        keep = _kept_in_float32(cls)
+        state = {k: v.to(torch.float32 if keep and any(m in k.split(".") for m in keep) else torch_dtype)
+                 if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    if torch_dtype is not None:
-        model.to(torch_dtype)
-    else:
-        _cast_unsaved_buffers(model, set(state), dtype)
+    _cast_unsaved_buffers(model, set(state), torch_dtype if torch_dtype is not None else dtype)
     try:
         plan_ = Plan.from_dict(manifest["plan"])
     except (KeyError, TypeError, ValueError) as error:
@@ -219,12 +238,19 @@ def from_pretrained(
         model.to(device)
     setattr(model, PLAN_ATTRIBUTE, plan_)
     setattr(model, LOG_ATTRIBUTE, load_stage_log(directory))
+    attach_save_method(model)
     return model.eval()
+
+
+def _kept_in_float32(cls: type) -> list[str]:
+    """The module names that diffusers keeps in float32 when it loads ``cls`` in another dtype."""
+    keep = getattr(cls, "_keep_in_fp32_modules", None) or []
+    return [keep] if isinstance(keep, str) else list(keep)
 
 
 def _cast_unsaved_buffers(model: torch.nn.Module, saved: set[str], dtype: torch.dtype) -> None:
     """Give the floating buffers that are not in the files (non-persistent ones, built by the model's constructor in
-    the default dtype) the saved model's ``dtype``; the saved tensors keep the dtypes they were written in."""
+    the default dtype) ``dtype``; the loaded tensors keep the dtypes they were loaded in."""
     cast: dict[int, torch.Tensor] = {}  # a buffer shared by several modules stays shared
     for prefix, module in model.named_modules():
         for attribute, buffer in list(module.named_buffers(recurse=False)):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 import blockprune
 from blockprune import plugins
@@ -26,6 +24,8 @@ from blockprune.config import SandwichConfig, defaults
 from blockprune.errors import BlockpruneError
 from blockprune.plan import transformer_of
 from blockprune.runtime.forward import model_device, output_tensor, to_device
+from blockprune.runtime.timing import Latency, compare_text, machine, time_calls
+from blockprune.toy.grid import save_image_grid
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Setup:
     calibration: list[dict[str, Any]] | None  # None: recorded from the pipeline on the prompts
     held_out: list[dict[str, Any]] | None  # None: one transformer call recorded from the pipeline
     label: str
+    prompts: list[str] | None = None  # prompts the model can draw (a toy model's captions); None: the bundled ones
 
 
 @dataclass
@@ -60,6 +61,8 @@ def parser_for(family: Family) -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help=f"run on CPU without downloads: {family.describe_tiny}")
     parser.add_argument("--prompts", metavar="FILE", help="calibration prompts, one a line (default: blockprune's bundled ones)")
     parser.add_argument("--ratio", type=float, default=0.2, help="share of blocks to replace (default 0.2)")
+    parser.add_argument("--importance", metavar="METRIC",
+                        help="how blocks are chosen: a metric such as fit_residual, or auto (default: compress's)")
     parser.add_argument("--output", default=f"{family.adapter}-compressed", help="folder to save the compressed transformer to")
     parser.add_argument("--overwrite", action="store_true", help="write into an output folder that is not empty")
     parser.add_argument("--sandwich", action=argparse.BooleanOptionalAction, default=True,
@@ -76,7 +79,9 @@ def parser_for(family: Family) -> argparse.ArgumentParser:
     parser.add_argument("--calibration-batches", type=int, default=16, help="synthetic calibration batches in --tiny mode")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the pipeline (default bfloat16)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of the pipeline")
-    parser.add_argument("--latency-repeats", type=int, default=5, help="timed forwards per measurement (median; default 5)")
+    parser.add_argument("--latency-repeats", type=int, default=10,
+                        help="timed forwards per measurement: the median and spread are printed (default 10)")
+    parser.add_argument("--latency-warmup", type=int, default=2, help="untimed forwards before them (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of calibration and compress (default 0)")
     return parser
 
@@ -97,21 +102,13 @@ def load_pipeline(family: Family, args: argparse.Namespace) -> Any:
     return pipe.to(args.device)
 
 
-def forward_latency(transformer: torch.nn.Module, batch: dict[str, Any], repeats: int) -> float:
-    """Median seconds of one transformer forward on ``batch``, after two warm-up calls."""
+def forward_latency(transformer: torch.nn.Module, batch: dict[str, Any], repeats: int, warmup: int = 2) -> Latency:
+    """Seconds of ``repeats`` transformer forwards on ``batch`` after ``warmup`` untimed ones (median and spread)."""
     device = model_device(transformer)
     batch = to_device(batch, device)
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else None
     with torch.no_grad():
-        for index in range(repeats + 2):
-            synchronize()
-            started = time.perf_counter()
-            transformer(**batch)
-            synchronize()
-            if index >= 2:
-                times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        return time_calls(lambda: transformer(**batch), repeats, warmup, synchronize)
 
 
 def generate(pipe: Any, adapter: str, prompts: list[str], seeds: list[int], steps: int) -> tuple[torch.Tensor, float]:
@@ -121,17 +118,11 @@ def generate(pipe: Any, adapter: str, prompts: list[str], seeds: list[int], step
     return images, (time.perf_counter() - started) / len(images)
 
 
-def save_grid(rows: list[torch.Tensor], path: Path) -> None:
-    """One PNG with one row of images per tensor ``(N, 3, H, W)`` in [0, 1]."""
-    pictures = [[(i.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy() for i in row]
-                for row in rows]
-    height, width = pictures[0][0].shape[:2]
-    grid = Image.new("RGB", (width * len(pictures[0]), height * len(pictures)))
-    for r, row in enumerate(pictures):
-        for c, picture in enumerate(row):
-            grid.paste(Image.fromarray(picture), (c * width, r * height))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+def save_grid(rows: dict[str, torch.Tensor], prompts: list[str], seeds: list[int], path: Path) -> Path:
+    """One PNG: a labelled row per ``label → images (N, 3, H, W)`` in [0, 1], a column per prompt and seed
+    (labelled), small images upscaled."""
+    columns = [f"{prompt} (seed {seed})" for prompt in prompts for seed in seeds]
+    return save_image_grid({label: images.float().cpu() for label, images in rows.items()}, path, columns=columns)
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -142,8 +133,8 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 def compress_and_compare(family: Family, args: argparse.Namespace) -> None:
     """Load, measure, compress, save, measure again, and print the comparison."""
     output = check_output_folder(args.output, args.overwrite)
-    prompts = read_prompts(args.prompts) if args.prompts else bundled_prompts()
     setup = family.build_tiny(args) if args.tiny else Setup(load_pipeline(family, args), None, None, args.model_path)
+    prompts = read_prompts(args.prompts) if args.prompts else (setup.prompts or bundled_prompts())
     model, calibration, held_out = setup.model, setup.calibration, setup.held_out
     transformer = transformer_of(model)
     pipe = None if model is transformer else model
@@ -153,35 +144,47 @@ def compress_and_compare(family: Family, args: argparse.Namespace) -> None:
     batch = held_out[0]
     with torch.no_grad():
         reference = output_tensor(transformer(**to_device(batch, model_device(transformer))))
-    before = forward_latency(transformer, batch, args.latency_repeats)
+    before = forward_latency(transformer, batch, args.latency_repeats, args.latency_warmup)
     grid_prompts = prompts[: args.grid_prompts]
     if pipe is not None:
         originals, seconds_before = generate(pipe, family.adapter, grid_prompts, args.seeds, args.steps)
     options = {} if calibration is not None else {
         "calibration_prompts": prompts, "calibration_steps": args.calibration_steps, "steps_per_prompt": args.steps_per_prompt
     }
+    if args.importance:
+        options["importance"] = args.importance
     blockprune.compress(model, adapter=family.adapter, ratio=args.ratio, calibration=calibration,
                         sandwich=args.sandwich, sandwich_steps=args.sandwich_steps, seed=args.seed, **options)
     blockprune.save_pretrained(model, output)
     print(f"saved the compressed transformer to {output}/; load it with blockprune.from_pretrained({str(output)!r})")
-    after = forward_latency(transformer, batch, args.latency_repeats)
+    after = forward_latency(transformer, batch, args.latency_repeats, args.latency_warmup)
     with torch.no_grad():
         error = relative_error(output_tensor(transformer(**to_device(batch, model_device(transformer)))), reference)
     print(f"relative output error on a held-out transformer input: {error:.4f}")
-    device = model_device(transformer)
-    print(f"transformer forward ({device.type}, {next(transformer.parameters()).dtype}): {before * 1e3:.2f} ms → "
-          f"{after * 1e3:.2f} ms, latency ratio {after / before:.3f}")
+    _print_latency(transformer, before, after, args)
     if pipe is None:
         print(f"image grid skipped: {setup.label} is a bare {type(transformer).__name__} without a pipeline (text "
               f"encoders, VAE), so it cannot generate images")
         return
     compressed, seconds_after = generate(pipe, family.adapter, grid_prompts, args.seeds, args.steps)
-    grid = output / "grid.png"
-    save_grid([originals, compressed], grid)
-    print(f"image grid: {grid} (top row original, bottom row compressed; {len(grid_prompts)} prompts × "
+    replaced = len(blockprune.plan(transformer).replaced)
+    rows = {"original": originals, f"compressed: {replaced} blocks replaced ({args.ratio:.0%})": compressed}
+    grid = save_grid(rows, grid_prompts, args.seeds, output / "grid.png")
+    print(f"image grid: {grid} (rows: original, compressed; columns: {len(grid_prompts)} prompts × "
           f"{len(args.seeds)} seeds, {args.steps} steps)")
-    print(f"generation: {seconds_before:.2f} s → {seconds_after:.2f} s per image, latency ratio "
-          f"{seconds_after / seconds_before:.3f}")
+    print(f"grid prompts: {' | '.join(grid_prompts)}")
+    print(f"generation: {seconds_before:.2f} s → {seconds_after:.2f} s per image, ratio "
+          f"{seconds_after / seconds_before:.3f} (one timed run each, so no spread: the forward figures are the "
+          f"measured ones)")
+
+
+def _print_latency(transformer: torch.nn.Module, before: Latency, after: Latency, args: argparse.Namespace) -> None:
+    """The forward latency before and after, with the spread, the machine, and whether it is within noise."""
+    device = model_device(transformer)
+    print(f"transformer forward ({device.type}, {next(transformer.parameters()).dtype}, on {machine(str(device))}; "
+          f"median ± half the interquartile range of {args.latency_repeats} runs after {args.latency_warmup} warm-up): "
+          f"{before.text()} → {after.text()}, latency ratio {compare_text(after, before)}")
+    print("FLOPs (the plan above) are the steady figure; a latency ratio on a shared CPU moves from run to run")
 
 
 def run_example(family: Family, parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

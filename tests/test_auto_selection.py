@@ -126,3 +126,43 @@ def test_with_a_pipeline_auto_checks_candidates_on_sampled_images():
     assert errors["start2end"] != errors["end2start"] and all(error > 0 for error in errors.values())
     with pytest.raises(BlockpruneError, match="auto_check='images' samples images and needs a pipeline"):
         blockprune.compress(make_flux(), calibration=flux_batches(4), importance="auto", auto_check="images", **FAST)
+
+
+def test_without_a_pipeline_flux_plans_are_checked_over_a_latent_trajectory():
+    model = make_flux(double=2, single=4)
+    blockprune.compress(model, ratio=0.5, calibration=flux_batches(8), sandwich=False, auto_refine=0, **FAST)
+    plan = blockprune.plan(model)  # importance="auto" is the default
+    assert plan.importance == {"auto": 1.0}
+    assert plan.selection["checked_on"] == "trajectory"
+    errors = plan.selection["candidates"]
+    assert errors[plan.selection["chosen"]] == min(errors.values()) and len(set(errors.values())) > 1
+    outputs = make_flux(double=2, single=4)
+    blockprune.compress(outputs, ratio=0.5, calibration=flux_batches(8), sandwich=False, auto_refine=0,
+                        auto_check="outputs", **FAST)
+    assert blockprune.plan(outputs).selection["candidates"] != errors  # a different check, different errors
+
+
+def test_one_trajectory_step_is_one_euler_step_from_noise_to_level_zero():
+    from blockprune.scoring.trajectory import flow_trajectory
+
+    model, batch = make_flux(double=1, single=1), flux_batches(1)[0]
+    noise = torch.randn(batch["hidden_states"].shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        velocity = model(**{**batch, "hidden_states": noise, "timestep": torch.ones_like(batch["timestep"])}).sample
+        got = flow_trajectory(model, batch, 0, time_scale=1.0, steps=1)
+        two = flow_trajectory(model, batch, 0, time_scale=1.0, steps=2)
+    torch.testing.assert_close(got, noise - velocity)
+    assert not torch.allclose(two, got)  # the second step runs the model again at half the noise level
+
+
+def test_the_trajectory_check_needs_a_flow_model_and_the_latents():
+    from blockprune.scoring.trajectory import flow_trajectory
+
+    with pytest.raises(BlockpruneError, match="adapter sets no flow_time_scale"):
+        blockprune.compress(planted_model(), adapter="generic", ratio=0.25, calibration=residual_net_batches(8),
+                            auto_check="trajectory", sandwich=False, **FAST)
+    batch = {k: v for k, v in flux_batches(1)[0].items() if k != "timestep"}
+    with pytest.raises(BlockpruneError, match="has no tensor 'timestep'"):
+        flow_trajectory(make_flux(double=1, single=1), batch, 0, time_scale=1.0, steps=2)
+    with pytest.raises(BlockpruneError, match="auto_check_batches must be a positive integer"):
+        blockprune.compress(make_flux(), calibration=flux_batches(4), auto_check_batches=0, **FAST)

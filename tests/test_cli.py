@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import flux_batches, make_flux
 from test_pipeline import tiny_dit_pipeline
 
@@ -12,15 +11,15 @@ import blockprune
 from blockprune import plugins
 from blockprune.cli import main
 
-COMMANDS = ["compress", "inspect", "importance", "plugins", "demo"]
+COMMANDS = ["compress", "calibrate", "inspect", "importance", "plugins", "demo"]
 
 
 @pytest.fixture(scope="module")
 def flux_folder(tmp_path_factory):
-    """A 4-block FLUX transformer saved by diffusers, and calibration batches saved by torch.save."""
+    """A 4-block FLUX transformer saved by diffusers, and calibration batches saved by blockprune.save_calibration."""
     folder = tmp_path_factory.mktemp("flux")
     make_flux().save_pretrained(folder / "model")
-    torch.save(flux_batches(4), folder / "batches.pt")
+    blockprune.save_calibration(flux_batches(4), folder / "batches.safetensors")
     return folder
 
 
@@ -61,7 +60,7 @@ def test_compress_a_small_model_by_name(tmp_path, capsys):
 
 
 def test_compress_a_transformer_folder_with_options(flux_folder, tmp_path, capsys):
-    code, out, _ = run_cli(capsys, "compress", flux_folder / "model", "--calibration", flux_folder / "batches.pt",
+    code, out, _ = run_cli(capsys, "compress", flux_folder / "model", "--calibration", flux_folder / "batches.safetensors",
                            "-o", tmp_path / "out", "--ratio", 0.5, "--order", "end2start", "--ridge", 1e-4,
                            "--no-sandwich", "--fuse", "--no-progress")
     assert code == 0
@@ -73,12 +72,12 @@ def test_compress_a_transformer_folder_with_options(flux_folder, tmp_path, capsy
 
 
 def test_compress_with_weighted_metrics_and_listed_order(flux_folder, tmp_path, capsys):
-    code, _, _ = run_cli(capsys, "compress", flux_folder / "model", "--calibration", flux_folder / "batches.pt",
+    code, _, _ = run_cli(capsys, "compress", flux_folder / "model", "--calibration", flux_folder / "batches.safetensors",
                          "-o", tmp_path / "a", "--ratio", 0.25, "--importance", "output_mse=3,block_influence=1",
                          "--no-sandwich", "--no-progress", "--no-cache")
     assert code == 0
     assert blockprune.plan(blockprune.from_pretrained(tmp_path / "a")).importance == {"output_mse": 0.75, "block_influence": 0.25}
-    code, _, _ = run_cli(capsys, "compress", flux_folder / "model", "--calibration", flux_folder / "batches.pt",
+    code, _, _ = run_cli(capsys, "compress", flux_folder / "model", "--calibration", flux_folder / "batches.safetensors",
                          "-o", tmp_path / "b", "--ratio", 0.25, "--order", "transformer_blocks.1", "--no-sandwich",
                          "--no-progress")
     assert code == 0
@@ -88,8 +87,8 @@ def test_compress_with_weighted_metrics_and_listed_order(flux_folder, tmp_path, 
 def test_compress_with_sandwich_training_in_a_workdir_then_reuse(tmp_path, capsys):
     model_folder = tmp_path / "model"
     make_flux().save_pretrained(model_folder)
-    torch.save(flux_batches(6), tmp_path / "batches.pt")
-    common = ["compress", model_folder, "--calibration", tmp_path / "batches.pt", "--no-progress", "--no-cache"]
+    blockprune.save_calibration(flux_batches(6), tmp_path / "batches.safetensors")
+    common = ["compress", model_folder, "--calibration", tmp_path / "batches.safetensors", "--no-progress", "--no-cache"]
     code, out, err = run_cli(capsys, *common, "-o", tmp_path / "high", "--ratio", 0.5, "--sandwich-steps", 3,
                              "--sandwich-width", 1, "--lora-rank", 4, "--workdir", tmp_path / "work")
     assert code == 0, err
@@ -128,7 +127,7 @@ def test_compress_a_pipeline_folder_records_calibration_from_the_prompts_file(tm
 
 
 def test_inspect_prints_blocks_streams_parameters_and_flops(flux_folder, capsys):
-    code, out, _ = run_cli(capsys, "inspect", flux_folder / "model", "--calibration", flux_folder / "batches.pt")
+    code, out, _ = run_cli(capsys, "inspect", flux_folder / "model", "--calibration", flux_folder / "batches.safetensors")
     assert code == 0
     assert "4 residual blocks (flux adapter)" in out
     rows = [line.split() for line in out.splitlines() if "_blocks." in line]
@@ -144,12 +143,12 @@ def test_inspect_a_compressed_folder(flux_folder, tmp_path, capsys):
     blockprune.save_pretrained(model, tmp_path / "out")
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "out")
     assert code == 0 and "blockprune plan: 2 of 4 blocks replaced" in out and "--calibration" in out
-    code, out, _ = run_cli(capsys, "inspect", tmp_path / "out", "--calibration", flux_folder / "batches.pt")
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "out", "--calibration", flux_folder / "batches.safetensors")
     assert code == 0 and out.count("LinearSurrogate") == 2
 
 
 def test_importance_prints_the_ranked_table(flux_folder, capsys):
-    code, out, _ = run_cli(capsys, "importance", flux_folder / "model", "--calibration", flux_folder / "batches.pt",
+    code, out, _ = run_cli(capsys, "importance", flux_folder / "model", "--calibration", flux_folder / "batches.safetensors",
                            "--importance", "output_mse,block_influence", "--no-progress", "--no-cache")
     assert code == 0
     assert "output_mse (w=0.50)" in out and "block_influence (w=0.50)" in out
@@ -208,7 +207,7 @@ def test_output_folder_not_empty_is_refused_unless_overwrite(flux_folder, tmp_pa
     (tmp_path / "out" / "notes.txt").write_text("keep")
     message = error_line(capsys, 2, "compress", "flux-random", "-o", tmp_path / "out", "--no-sandwich")
     assert "output folder" in message and "exists and is not empty; pass --overwrite" in message
-    code, _, _ = run_cli(capsys, "compress", flux_folder / "model", "--calibration", flux_folder / "batches.pt",
+    code, _, _ = run_cli(capsys, "compress", flux_folder / "model", "--calibration", flux_folder / "batches.safetensors",
                          "-o", tmp_path / "out", "--overwrite", "--ratio", 0.25, "--no-sandwich", "--no-progress")
     assert code == 0 and (tmp_path / "out" / "blockprune.json").is_file()
     assert (tmp_path / "out" / "notes.txt").read_text() == "keep"
@@ -222,9 +221,9 @@ def test_bare_transformer_folder_needs_calibration(flux_folder, tmp_path, capsys
     assert "--prompts needs a pipeline" in message
 
 
-def test_calibration_file_that_torch_cannot_read(flux_folder, tmp_path, capsys):
-    (tmp_path / "batches.pt").write_text("not a tensor file")
-    message = error_line(capsys, 2, "inspect", flux_folder / "model", "--calibration", tmp_path / "batches.pt")
+def test_calibration_file_that_is_not_safetensors(flux_folder, tmp_path, capsys):
+    (tmp_path / "batches.safetensors").write_text("not a tensor file")
+    message = error_line(capsys, 2, "inspect", flux_folder / "model", "--calibration", tmp_path / "batches.safetensors")
     assert "cannot read calibration file" in message
 
 

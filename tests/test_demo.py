@@ -8,18 +8,24 @@ from blockprune.cli import main
 from blockprune.errors import BlockpruneError
 from blockprune.serialization import from_pretrained
 from blockprune.toy.demo import demo, flux_batches, tiny_flux
+from blockprune.toy.grid import LABEL_WIDTH
 
 
 def test_demo_compresses_the_trained_model_and_writes_a_grid(tmp_path, capsys):
-    result = demo(ratio=0.1, output=tmp_path / "out", prompts=8)
+    result = demo(ratio=0.1, output=tmp_path / "out", num_prompts=8)
     out = capsys.readouterr().out
     assert "blockprune plan: 2 of 20 blocks replaced (flux)" in out
     assert "attribute accuracy" in out and "PSNR" in out
     assert result["accuracy_before"] >= 0.8 and 0 <= result["accuracy_after"] <= 1
     assert 10 < result["psnr"] < 60 and 0 < result["ssim"] < 1  # changed, not destroyed
     assert 0.85 < result["flops_ratio"] < 0.95
-    with Image.open(tmp_path / "out" / "grid.png") as grid:
-        assert grid.size[1] == 2 * (32 * 3 + 2)  # two rows of 32-pixel images at 3×
+    assert "generating images (original): done, 8/8" in out  # progress, logged as lines off a terminal
+    assert "median ± half the interquartile range of 15 runs in turns after 3 warm-up" in out  # honest latency
+    low, high = result["latency_range"]
+    assert low <= result["latency_ratio"] <= high and result["latency_within_noise"] == (low <= 1 <= high)
+    with Image.open(tmp_path / "out" / "grid.png") as grid:  # labelled: prompts above, rows on the left
+        assert grid.size[0] == LABEL_WIDTH + 8 * (32 * 4 + 2)  # eight 32-pixel images upscaled 4×
+        assert grid.size[1] > 2 * (32 * 4 + 2)  # two rows below a header of prompts
     loaded = from_pretrained(tmp_path / "out" / "transformer")
     assert len(plan(loaded).replaced) == 2
 
@@ -39,5 +45,5 @@ def test_demo_model_shape():
 
 
 def test_demo_needs_at_least_one_prompt(tmp_path):
-    with pytest.raises(BlockpruneError, match="prompts must be a positive integer"):
-        demo(output=tmp_path / "none", prompts=0)
+    with pytest.raises(BlockpruneError, match="num_prompts must be a positive integer"):
+        demo(output=tmp_path / "none", num_prompts=0)

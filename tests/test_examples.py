@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import blockprune
+from blockprune.toy import vocabulary
+from blockprune.toy.grid import LABEL_WIDTH
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -26,11 +28,12 @@ def run_example(script, *argv, cwd):
 )
 def test_tiny_mode_compresses_saves_and_reports(tmp_path, script, extra, blocks, replaced):
     result = run_example(script, "--tiny", *extra, "--output", tmp_path / "out", "--calibration-batches", 5, "--ratio", 0.1,
-                         "--latency-repeats", 1, cwd=tmp_path)
+                         "--latency-repeats", 2, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"blockprune plan: {replaced} of {blocks} blocks replaced" in out
-    assert "latency ratio" in out and "transformer forward (cpu, torch.float32)" in out
+    assert "latency ratio ×" in out and "transformer forward (cpu, torch.float32, on " in out
+    assert "median ± half the interquartile range of 2 runs after 2 warm-up" in out  # honest: spread and warm-up
     assert "image grid skipped:" in out and "cannot generate images" in out
     error = float(out.split("relative output error on a held-out transformer input: ")[1].split()[0])
     assert 0 < error < 0.1
@@ -40,6 +43,19 @@ def test_tiny_mode_compresses_saves_and_reports(tmp_path, script, extra, blocks,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == files
     plan = blockprune.plan(blockprune.from_pretrained(tmp_path / "out"))
     assert len(plan.replaced) == replaced and len(plan.stages) == (replaced if sandwich else 0)
+
+
+def test_tiny_flux_draws_the_trained_toy_model_on_prompts_it_can_draw(tmp_path):
+    result = run_example("flux/compress_flux.py", "--tiny", "--no-sandwich", "--importance", "fit_residual",
+                         "--output", tmp_path / "out",
+                         "--calibration-batches", 4, "--ratio", 0.1, "--grid-prompts", 2, "--seeds", 0, "--steps", 4,
+                         "--latency-repeats", 2, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "blockprune plan: 2 of 20 blocks replaced (flux)" in out and "image grid:" in out
+    prompts = out.split("grid prompts: ")[1].splitlines()[0].split(" | ")
+    assert len(prompts) == 2 and all(word in vocabulary() for prompt in prompts for word in prompt.split())
+    assert (tmp_path / "out" / "grid.png").is_file()
 
 
 def test_full_mode_without_local_weights_says_how_to_get_them(tmp_path):
@@ -84,7 +100,8 @@ def test_with_a_pipeline_the_example_draws_the_grid_and_times_generations(tmp_pa
     out = capsys.readouterr().out
     assert "blockprune plan: 1 of 4 blocks replaced (dit)" in out
     assert "image grid:" in out and "2 prompts × 2 seeds" in out
-    assert "generation:" in out and "latency ratio" in out
+    assert "generation:" in out and "ratio" in out
     grid = Image.open(tmp_path / "out" / "grid.png")
-    assert grid.size == (4 * 8, 2 * 8)  # 2 prompts × 2 seeds across, original and compressed rows, 8×8 images
+    # 2 prompts × 2 seeds across, original and compressed rows, 8×8 images upscaled 16×, labels left and above
+    assert grid.size[0] == LABEL_WIDTH + 4 * (8 * 16 + 2) and grid.size[1] > 2 * (8 * 16 + 2)
     assert len(blockprune.plan(blockprune.from_pretrained(tmp_path / "out")).replaced) == 1

@@ -428,6 +428,8 @@ def test_temporary_files_of_killed_writes_are_removed_when_the_workdir_opens(tmp
 def test_a_workdir_killed_during_its_first_manifest_write_opens(tmp_path):
     (tmp_path / ".manifest.json.99.tmp").write_bytes(b"{")
     workdir = Workdir(tmp_path, KEY)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lock.json", "manifest.json"]
     assert workdir.read_json("scores-000.json") is None
+    workdir.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
 

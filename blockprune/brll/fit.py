@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -10,7 +11,11 @@ import torch
 from ..errors import IllConditionedWarning
 from .recording import StreamAccumulator
 
+logger = logging.getLogger("blockprune")
+
 ILL_CONDITIONED = 1e10
+PLENTY = 2  # tokens per unknown above which a rank deficiency is the inputs' structure, not a lack of data
+_warned: set[tuple[str, str]] = set()  # (stream name, cause) already warned about in this process
 
 
 @dataclass
@@ -28,8 +33,8 @@ class AffineFit:
 def fit_affine(accumulator: StreamAccumulator, ridge: float = 1e-6, name: str = "") -> AffineFit:
     """Solve ``(ZᵀZ + λI) Θ = ZᵀR`` in float64 with ``λ = ridge · trace(ZᵀZ) / (d + 1)``.
 
-    A ridge term keeps rank-deficient inputs (few tokens, dead channels) finite; such cases are logged
-    as warnings with the condition number.
+    A ridge term keeps rank-deficient inputs (few tokens, dead channels) finite; such cases get an
+    :class:`IllConditionedWarning` with the condition number and the cause, once per stream and cause.
     """
     if ridge < 0:
         raise ValueError(f"ridge must be ≥ 0, got {ridge}")
@@ -50,13 +55,8 @@ def fit_affine(accumulator: StreamAccumulator, ridge: float = 1e-6, name: str = 
     residual = r_squared - 2 * float((theta * ztr).sum()) + float((theta * (ztz @ theta)).sum())
     relative_error = max(residual, 0.0) / r_squared if r_squared > 0 else 0.0
     if accumulator.tokens < size or condition > ILL_CONDITIONED:
-        warnings.warn(
-            f"{name or 'stream'}: ill-conditioned least squares ({accumulator.tokens} tokens for {size} unknowns "
-            f"per output, condition number {condition:.3g}); the ridge term keeps the answer finite, more "
-            f"calibration data makes it better",
-            IllConditionedWarning,
-            stacklevel=2,
-        )
+        rank = int((eigenvalues > largest / ILL_CONDITIONED).sum())
+        _warn_ill_conditioned(name or "stream", accumulator.tokens, size, rank, condition)
     return AffineFit(
         weight=theta[:-1].T.contiguous(),
         bias=theta[-1].contiguous(),
@@ -65,3 +65,33 @@ def fit_affine(accumulator: StreamAccumulator, ridge: float = 1e-6, name: str = 
         tokens=accumulator.tokens,
         ridge=lam,
     )
+
+
+def _warn_ill_conditioned(name: str, tokens: int, size: int, rank: int, condition: float) -> None:
+    """One :class:`IllConditionedWarning` per stream and cause in a process; repeats go to the debug log.
+
+    With ``PLENTY`` tokens per unknown, inputs in general position would span every dimension: a deficiency
+    is then structural (a stream that is a linear embedding of fewer input channels, such as FLUX's image
+    stream at its first block, spans at most that many), and more of the same data does not change it.
+    """
+    structural = tokens >= PLENTY * size
+    cause = "structure" if structural else "data"
+    if structural:
+        message = (
+            f"{name}: ill-conditioned least squares, the inputs span only {rank} of {size} dimensions (the bias "
+            f"included) over {tokens} tokens, condition number {condition:.3g}. With this many tokens the "
+            f"deficiency is structural: it comes from "
+            f"the model (e.g. a stream that is a linear embedding of fewer input channels, as FLUX's image stream "
+            f"is at its first block) or from inputs that repeat, so more calibration data of the same kind will not "
+            f"change it; the ridge term handles it (directions the inputs never take get no weight)"
+        )
+    else:
+        message = (
+            f"{name}: ill-conditioned least squares ({tokens} tokens for {size} unknowns per output, condition "
+            f"number {condition:.3g}); the ridge term keeps the answer finite, more calibration data makes it better"
+        )
+    if (name, cause) in _warned:
+        logger.debug("%s", message)
+        return
+    _warned.add((name, cause))
+    warnings.warn(message + " (warned once per stream and cause)", IllConditionedWarning, stacklevel=3)

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..discovery.spec import BlockSpec
 from ..errors import BlockpruneError
+from .registry import register_block
 
 
 class LinearSurrogate(nn.Module):
@@ -38,6 +39,11 @@ class LinearSurrogate(nn.Module):
         self.spec = spec
         self.forward_signature = signature
         self.replaces = replaces
+        # where each stream sits among the positional parameters, worked out once: binding the signature on every
+        # call would break torch.compile's graph
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        order = [p.name for p in signature.parameters.values() if p.kind in positional]
+        self.stream_positions = {s: order.index(s) if s in order else None for s in spec.streams}
         self.linears = nn.ModuleDict(
             {
                 s: nn.Linear(stream_dims[s], stream_dims[s], dtype=dtype, device=device)
@@ -50,7 +56,7 @@ class LinearSurrogate(nn.Module):
     def for_block(cls, block: nn.Module, spec: BlockSpec, stream_dims: dict[str, int]) -> LinearSurrogate:
         """A zero-initialised surrogate (``Y = X``) for ``block``, keeping its ``kept_submodules``."""
         parameter = next(block.parameters(), None)
-        surrogate = cls(
+        surrogate = surrogate_class(type(block), cls, spec)(
             spec,
             inspect.signature(block.forward),
             stream_dims,
@@ -83,11 +89,21 @@ class LinearSurrogate(nn.Module):
             linear.weight.copy_(weight.to(linear.weight))
             linear.bias.copy_(bias.to(linear.bias))
 
-    def forward(self, *args, **kwargs):
-        bound = self.forward_signature.bind_partial(*args, **kwargs).arguments
+    def stream_input(self, stream: str, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The stream ``stream`` of a call, passed by keyword or by position."""
+        if stream in kwargs:
+            return kwargs[stream]
+        position = self.stream_positions[stream]
+        if position is None or position >= len(args):
+            raise BlockpruneError(
+                f"the surrogate of a {self.replaces or 'block'} was called without its input {stream!r}; call it as "
+                f"the replaced block is called, with every residual stream"
+            )
+        return args[position]
 
+    def forward(self, *args, **kwargs):
         def stream_out(stream: str) -> torch.Tensor:
-            x = bound[stream]
+            x = self.stream_input(stream, args, kwargs)
             if stream not in self.linears:
                 return x
             return x + self.linears[stream](x)
@@ -110,3 +126,31 @@ class LinearSurrogate(nn.Module):
         passed = [s for s in self.spec.streams if s not in self.linears]
         through = f", passes through={passed}" if passed else ""
         return f"replaces={self.replaces}, streams={list(self.linears)}{through}"
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def surrogate_class(block_class: type, base: type = LinearSurrogate, spec: BlockSpec | None = None) -> type:
+    """The subclass of ``base`` that stands in for ``block_class`` (one per replaced class, made once).
+
+    Its ``forward`` shows the replaced block's signature, and it is registered in diffusers' block registry with
+    that block's metadata (for a class diffusers does not know, metadata read off ``spec``), so that diffusers' block caches (FirstBlockCache, MagCache) treat it as the block.
+    """
+    if "replaced_class" in base.__dict__:  # already a stand-in class: make the sibling, not a grandchild
+        base = base.__mro__[1]
+    key = (block_class, base)
+    if key not in _CLASSES:
+        def forward(self, *args, **kwargs):
+            return base.forward(self, *args, **kwargs)
+
+        try:
+            forward.__signature__ = inspect.signature(block_class.forward)
+        except (TypeError, ValueError):  # a forward without a signature keeps the generic one
+            pass
+        attributes = {"forward": forward, "replaced_class": block_class, "__module__": base.__module__,
+                      "__doc__": f"A {base.__name__} standing in for a {block_class.__name__}."}
+        cls = type(base.__name__, (base,), attributes)
+        register_block(cls, block_class, spec.outputs if spec is not None else None)
+        _CLASSES[key] = cls
+    return _CLASSES[key]

@@ -29,6 +29,9 @@ SANDWICH_HELP = {
     "batch_size": "calibration batches per optimizer step",
     "split": "share of calibration batches for training; the rest fit the least squares",
     "held_out": "share of the training batches held out for the before/after report",
+    "eval_every": "steps between held-out checks; the best weights seen are kept",
+    "patience": "checks in a row without improvement before a stage stops early",
+    "heal_steps": "global healing after the last stage, steps at most (0: off)",
     "target": "local: the original blocks on the span's input; global: the unpruned model's activation",
     "lora_rank": "LoRA rank on the neighbours",
     "lora_alpha": "LoRA alpha",
@@ -85,9 +88,12 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
                         "plan (default 0.25)")
     parser.add_argument("--auto-refine", dest="auto_refine", type=int, metavar="N",
                         help="importance auto: rounds of greedy block swaps after the best candidate (default 1)")
-    parser.add_argument("--auto-check", dest="auto_check", choices=("auto", "images", "outputs"),
-                        help="importance auto: check candidates on sampled images (with a pipeline: the default) or "
-                        "on one-step outputs of held-out batches")
+    parser.add_argument("--auto-check", dest="auto_check", choices=("auto", "images", "trajectory", "outputs"),
+                        help="importance auto: check candidates on sampled images (the default with a pipeline), on a "
+                        "short latent trajectory from held-out batches (the default without one, for FLUX / SD3), or "
+                        "on one-step outputs")
+    parser.add_argument("--auto-check-batches", dest="auto_check_batches", type=int, metavar="N",
+                        help="importance auto: held-out batches a trajectory or outputs check runs on (default 8)")
     parser.add_argument("--rescore", choices=("once", "each"),
                         help="score blocks once (the paper) or again after each replacement (default once)")
     parser.add_argument("--reuse-from", dest="reuse_from", metavar="DIR",
@@ -109,7 +115,7 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
 def run(args: argparse.Namespace) -> int:
     """Compress, save, and print the plan."""
     output = check_output_folder(args.output, args.overwrite)
-    importance = parse_importance(args.importance)
+    importance = parse_importance(args.importance or "auto")
     order = args.order if args.order in ORDERS else [name.strip() for name in args.order.split(",") if name.strip()]
     loaded, options = load_for_run(args)
     if args.sandwich is not None:

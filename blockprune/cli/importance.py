@@ -34,7 +34,7 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
 
 def run(args: argparse.Namespace) -> int:
     """Score and print the table."""
-    metrics = parse_importance(args.importance)
+    metrics = parse_importance(args.importance or "fit_residual")
     loaded, options = load_for_run(args)
     table = importance(loaded.model, args.adapter, loaded.batches, importance=metrics, progress=args.progress,
                        device=args.device, **options)

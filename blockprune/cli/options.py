@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..calibration import read_prompts
+from ..calibration_file import load_calibration
 from ..config import defaults, option_names
 from ..errors import BlockpruneError
 from ..toy.small_models import SMALL_MODELS
@@ -17,7 +18,6 @@ from .sources import (
     ModelSource,
     check_adapter_name,
     is_pipeline,
-    load_calibration_file,
     model_source,
 )
 
@@ -52,7 +52,8 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--prompts", metavar="FILE", help="prompts to record calibration from a pipeline, one a line")
     group.add_argument("--calibration", metavar="FILE",
-                       help="calibration batches saved with torch.save: a list of dicts of forward keyword arguments")
+                       help="calibration batches in a safetensors file written by 'blockprune calibrate' or "
+                       "blockprune.save_calibration (cast to --dtype)")
     group.add_argument("--calibration-batches", type=int, default=CALIBRATION_BATCHES, metavar="N",
                        help=f"batches a small model's calibration builder makes (default {CALIBRATION_BATCHES})")
     group.add_argument("--calibration-steps", type=int, metavar="N",
@@ -65,10 +66,10 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
 def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     """Importance metrics and their options."""
     group = parser.add_argument_group("importance scoring")
-    group.add_argument("--importance", default="fit_residual", metavar="METRICS",
+    group.add_argument("--importance", default=None, metavar="METRICS",
                        help="a metric, several comma-separated (equal weights) or name=weight pairs, e.g. "
-                       "fid=0.5,clip=0.5 (default fit_residual), or for compress 'auto' (candidate plans checked on "
-                       "held-out calibration); see 'blockprune plugins' for the metrics")
+                       "fid=0.5,clip=0.5, or for compress 'auto' (its default: candidate plans checked on held-out "
+                       "calibration; importance's default is fit_residual); see 'blockprune plugins' for the metrics")
     group.add_argument("--ablation", choices=("remove", "replace"),
                        help=f"how a block is ablated for scoring (default {defaults()['ablation']})")
     group.add_argument("--score-batches", type=int, metavar="N", help="calibration batches used for scoring (default all)")
@@ -135,8 +136,8 @@ class Loaded:
         if self.batches is None and not is_pipeline(self.model):
             raise BlockpruneError(
                 f"{self.source.text} is a bare {type(self.model).__name__}, which cannot record its own calibration; "
-                f"pass --calibration FILE (a list of dicts of forward keyword arguments saved with torch.save), or a "
-                f"pipeline folder"
+                f"pass --calibration FILE (recorded from its pipeline with 'blockprune calibrate PIPELINE -o FILE'), "
+                f"or a pipeline folder"
             )
 
 
@@ -149,7 +150,7 @@ def load_model(args: argparse.Namespace, count: int | None = None) -> Loaded:
     """
     check_adapter_name(args.adapter)
     prompts = read_prompts(args.prompts) if args.prompts else None
-    batches = load_calibration_file(args.calibration) if args.calibration else None
+    batches = load_calibration(args.calibration, DTYPES.get(args.dtype)) if args.calibration else None
     source = model_source(args.model)
     model = source.load(DTYPES.get(args.dtype))
     if args.device is not None:

@@ -68,7 +68,7 @@ class ModelSource:
         """The transformer or pipeline, in ``dtype`` where given."""
         if self.small is not None:
             model = self.small.build()
-            return model if dtype is None else model.to(dtype)
+            return model if dtype is None else model.to(dtype=dtype)  # a ToyPipeline's first argument is the device
         return load_folder(self.folder, dtype)
 
 
@@ -101,19 +101,14 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
-def load_calibration_file(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Calibration batches saved with ``torch.save``: a list of dicts of forward keyword arguments."""
-    try:
-        batches = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # missing, unreadable, or not a torch file of plain tensors
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else "not a torch.save file"
-        raise BlockpruneError(
-            f"cannot read calibration file {path}: {reason}; save a list of dicts of the transformer's forward "
-            f"keyword arguments with torch.save"
-        ) from error
-    if not isinstance(batches, list) or not batches or not all(isinstance(b, dict) for b in batches):
-        raise BlockpruneError(f"calibration file {path} must hold a non-empty list of dicts, holds {type(batches).__name__}")
-    return batches
+def check_output_file(path: str | os.PathLike, overwrite: bool) -> Path:
+    """An output file; one that exists is refused unless ``overwrite``, and a folder is refused."""
+    file = Path(path)
+    if file.is_dir():
+        raise BlockpruneError(f"output {file} is a folder; pass a file name, e.g. {file / 'calibration.safetensors'}")
+    if file.exists() and not overwrite:
+        raise BlockpruneError(f"output file {file} exists; pass --overwrite to replace it, or choose another name")
+    return file
 
 
 def check_output_folder(path: str | os.PathLike, overwrite: bool) -> Path:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -59,6 +60,23 @@ def to_device(value: Any, device: torch.device | str, memo: dict[int, Any] | Non
         fields = {f.name: to_device(getattr(value, f.name), device, memo) for f in dataclasses.fields(value) if f.init}
         return dataclasses.replace(value, **fields)
     return value
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (dropout off) inside; then every module's train/eval flag as it was, also on error.
+
+    Modules added inside (surrogates) take the model's own mode.
+    """
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(modes[model])
+        for module in model.modules():
+            if module in modes:
+                module.training = modes[module]
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from ..errors import BlockpruneError
+from . import lock
 from .atomic import write_atomically
 
 logger = logging.getLogger("blockprune")
@@ -78,15 +80,28 @@ class Workdir:
 
     ``key`` holds everything the result depends on; a workdir made by a call with another key is refused.
     A file counts only once the manifest lists it with its checksum; the manifest is written last. Only a
-    ``writer`` (rank 0 of a distributed launch) writes; the other ranks read what it wrote.
+    ``writer`` (rank 0 of a distributed launch) writes; the other ranks read what it wrote. The writer holds the
+    folder's lock (:mod:`blockprune.runtime.lock`) until :meth:`close`, so a second process is refused.
     """
 
     def __init__(self, path: str | os.PathLike, key: dict[str, Any], writer: bool = True) -> None:
         self.path = Path(path)
         self.writer = writer
         self.key = json.loads(json.dumps(key, sort_keys=True, default=str))
+        if self.path.exists() and not self.path.is_dir():
+            raise BlockpruneError(f"workdir {self.path} is a file; pass a folder (a new one, or one written by a run)")
         self.path.mkdir(parents=True, exist_ok=True)
-        if writer:
+        self._release = None
+        if writer:  # the lock first: a second process must not delete the first one's files
+            self._release = weakref.finalize(self, lock.release, lock.acquire(self.path))
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        if self.writer:
             _remove_stale_temporaries(self.path)
         manifest = self.path / MANIFEST
         if manifest.is_file():
@@ -99,10 +114,15 @@ class Workdir:
                     f"use a new workdir, or delete this one to start over"
                 )
         else:
-            if any(self.path.iterdir()):
+            if any(p.name != lock.LOCK for p in self.path.iterdir()):
                 raise BlockpruneError(f"workdir {self.path} is not empty and has no {MANIFEST}; choose an empty folder")
             self.manifest = {"version": VERSION, "key": self.key, "files": {}}
             self._commit()
+
+    def close(self) -> None:
+        """Give back the workdir's lock (also done when the object is collected or the process exits)."""
+        if self._release is not None:
+            self._release()
 
     def _commit(self) -> None:
         if self.writer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from ..discovery.spec import Block
 from ..errors import BlockpruneError
 from ..manifest import MANIFEST, load_weights, read_manifest
 from ..plan import StageLog
+
+logger = logging.getLogger("blockprune")
 
 STAGES_FILE = "stages.safetensors"
 LOG_ATTRIBUTE = "_blockprune_stage_log"
@@ -100,23 +103,46 @@ def _source(reuse_from: Any) -> tuple[list[str], dict[str, dict[str, torch.Tenso
     return plan.replaced_names, finals, getattr(transformer, LOG_ATTRIBUTE, None) or StageLog(), plan
 
 
-def assemble(model: nn.Module, blocks: list[Block], count: int, reuse_from: Any) -> tuple[Any, StageLog]:
+def _check_same_model(plan: Any, by_name: dict[str, Block], fingerprint: str | None) -> None:
+    """Refuse a higher run made on another model: other block names, stream widths, or weights."""
+    for entry in plan.replaced:
+        if entry.name not in by_name:
+            raise BlockpruneError(f"reuse_from replaced block {entry.name!r}, which this model does not have")
+        dims = by_name[entry.name].stream_dims
+        for stream, report in entry.streams.items():
+            if dims.get(stream) != report.dim:
+                raise BlockpruneError(
+                    f"reuse_from was made on another model: its block {entry.name} has stream {stream!r} of width "
+                    f"{report.dim}, this model's has {dims.get(stream)}; reuse only from a run on this same model"
+                )
+    if plan.model_fingerprint is None:
+        logger.warning("reuse_from records no model fingerprint (saved by an older blockprune): it cannot be "
+                       "checked to come from this model's weights")
+    elif fingerprint is not None and plan.model_fingerprint != fingerprint:
+        raise BlockpruneError(
+            "reuse_from was made on a model with other weights (its model fingerprint differs from this model's); "
+            "reuse only from a run on this same model, or compress this one without reuse_from"
+        )
+
+
+def assemble(model: nn.Module, blocks: list[Block], count: int, reuse_from: Any,
+             fingerprint: str | None = None) -> tuple[Any, StageLog]:
     """Replace the first ``count`` blocks of the higher run by its final surrogates and merge the LoRA deltas of
     its first ``count`` stages into the blocks kept here. No training. Returns the higher run's plan and the
-    log of the stages reused."""
+    log of the stages reused. A higher run made on another model (other blocks, widths, or, when
+    ``fingerprint`` is given, another :func:`~blockprune.runtime.fingerprint.model_fingerprint`) is refused."""
     order, finals, log, plan = _source(reuse_from)
     if count > len(order):
         raise BlockpruneError(
             f"reuse_from replaced {len(order)} blocks; this ratio needs {count}: reuse only from a higher ratio"
         )
     by_name = {b.name: b for b in blocks}
+    _check_same_model(plan, by_name, fingerprint)
     chosen = order[:count]
     for name in chosen:
-        if name not in by_name:
-            raise BlockpruneError(f"reuse_from replaced block {name!r}, which this model does not have")
         block = by_name[name]
         surrogate = LinearSurrogate.for_block(model.get_submodule(name), block.spec, block.stream_dims)
-        state = {k[len("linears."):] if k.startswith("linears.") else k: v for k, v in finals[name].items()}
+        state = {k.removeprefix("linears."): v for k, v in finals[name].items()}
         for stream in block.spec.streams:
             surrogate.set_affine(stream, state[f"{stream}.weight"], state[f"{stream}.bias"])
         model.set_submodule(name, surrogate)

@@ -14,7 +14,6 @@ from torch import nn
 from ..adapter import Adapter
 from ..config import SandwichConfig
 from ..discovery.spec import Block
-from ..errors import SandwichDivergedError
 from ..plan import StageReport
 from ..runtime import distributed
 from ..runtime.forward import model_device, to_device
@@ -59,9 +58,10 @@ def train_stage(
 
     ``originals`` holds CPU copies of the unpruned blocks that earlier stages changed; this stage adds the
     ones it changes. Activations past the budget spill to ``spill_folder`` (default: a temporary folder);
-    LoRA initialisation and batch order draw only on ``seed``. Returns the report, the trained surrogate weights and the LoRA factors. On a NaN or
-    Inf loss the span's weights from before the stage are restored and :class:`SandwichDivergedError` names
-    the block. With ``offload`` (an :class:`blockprune.runtime.offload.Offload`) only the span stays on the accelerator.
+    LoRA initialisation and batch order draw only on ``seed``. Returns the report, the trained surrogate weights
+    and the LoRA factors. Training is guarded (:mod:`blockprune.sandwich.guard`): the span ends on the weights
+    with the lowest held-out error seen, its starting ones included. On any error (a NaN or Inf loss raises
+    :class:`~blockprune.errors.SandwichDivergedError`) the span is put back as it was before the stage. With ``offload`` (an :class:`blockprune.runtime.offload.Offload`) only the span stays on the accelerator.
     """
     if offload is None:
         return _train_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals,
@@ -84,7 +84,7 @@ def _train_stage(model, adapter, blocks, replaced, new_block, train_batches, hel
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loss_before, error_before = evaluate_span(span.modules, span.blocks, held_inputs, held_targets, device)
-    lora_blocks, train_seconds = _fit(model, adapter, span, stores, total_train, options, device, seed, new_block)
+    lora_blocks, train_seconds, guard = _fit(model, adapter, span, stores, total_train, options, device, seed, new_block)
     loss_after, error_after = evaluate_span(span.modules, span.blocks, held_inputs, held_targets, device)
     trained, lora = _harvest(model, span, lora_blocks)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -93,7 +93,9 @@ def _train_stage(model, adapter, blocks, replaced, new_block, train_batches, hel
         _close(stores)
     report = StageReport(new_block, span.names, lora_blocks, span.surrogates if options.train_surrogates else [],
                          options.steps, loss_before, loss_after, error_before, error_after,
-                         time.perf_counter() - started, peak, spilled, train_seconds)
+                         time.perf_counter() - started, peak, spilled, train_seconds,
+                         guard.best_step if guard else None, guard.steps_run if guard else None,
+                         guard.lr if guard else None, guard.lr_errors if guard else {})
     return report, trained, lora
 
 
@@ -154,26 +156,28 @@ def _targets(model, span: _Span, originals, train_batches, held_batches, train_i
     return results[0], results[1]
 
 
-def _fit(model, adapter, span: _Span, stores: Stores, total, options, device, seed, block_name) -> tuple[list[str], float]:
-    """Train the span under a seeded RNG; returns the blocks that got LoRA and the training seconds. On divergence
-    the span is rolled back and the stores closed before :class:`SandwichDivergedError` propagates."""
-    train_inputs, _, train_targets, _ = stores
+def _fit(model, adapter, span: _Span, stores: Stores, total, options, device, seed, block_name):
+    """Train the span under a seeded RNG; returns the blocks that got LoRA, the training seconds and the guard's
+    result (``None`` with nothing to train). On any error the span is rolled back and the stores closed before
+    the error propagates."""
+    train_inputs, held_inputs, train_targets, held_targets = stores
+    guard = None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        lora_blocks = _make_trainable(model, adapter, span, options)
-        trainable = [p for m in span.modules for p in m.parameters() if p.requires_grad]
         train_started = time.perf_counter()
         try:
+            lora_blocks = _make_trainable(model, adapter, span, options)
+            trainable = [p for m in span.modules for p in m.parameters() if p.requires_grad]
             if trainable:
-                train_span(span.modules, span.blocks, train_inputs, train_targets, total, trainable, options, device,
-                       seed, block_name)
-        except SandwichDivergedError:
-            _restore(model, span, lora_blocks)
+                guard = train_span(span.modules, span.blocks, train_inputs, train_targets, held_inputs, held_targets,
+                                   total, trainable, options, device, seed, block_name)
+        except BaseException:  # divergence, a bad lora_targets name, out of memory, a second Ctrl-C ...
+            _restore(model, span)
             _close(stores)
             raise
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return lora_blocks, time.perf_counter() - train_started
+    return lora_blocks, time.perf_counter() - train_started, guard
 
 
 def _make_trainable(model, adapter, span: _Span, options) -> list[str]:
@@ -207,9 +211,9 @@ def _harvest(model, span: _Span, lora_blocks: list[str]) -> tuple[dict[str, Any]
     return trained, lora
 
 
-def _restore(model, span: _Span, lora_blocks: list[str]) -> None:
+def _restore(model, span: _Span) -> None:
     """Put the span back as it was before the stage: LoRA removed unmerged, dtypes, weights and gradient flags."""
-    for name in lora_blocks:
+    for name in span.unreplaced:
         remove_lora(model.get_submodule(name))
     for name in span.dtypes:
         model.get_submodule(name).to(span.dtypes[name])

@@ -14,10 +14,10 @@ from torch.utils.checkpoint import checkpoint
 from ..brll.recording import stream_pairs
 from ..discovery.signature import forward_signature
 from ..discovery.spec import Block
-from ..errors import SandwichDivergedError
 from ..runtime import distributed
 from ..runtime.forward import to_device
 from .data import ActivationStore, SpanSample
+from .guard import GuardResult, GuardSettings, guarded_training
 
 
 def _call(module: nn.Module, arguments: dict[str, Any], use_checkpoint: bool) -> Any:
@@ -73,38 +73,30 @@ def evaluate_span(modules, span, inputs: ActivationStore, targets: ActivationSto
     return squared / max(count, 1), squared / reference if reference > 0 else squared
 
 
-def train_span(modules, span, inputs, targets, total, trainable, options, device, seed, block_name) -> None:
-    """AdamW on MSE. Each step takes ``batch_size`` batches from a seeded permutation of all ``total`` training
-    batches; under a launcher each rank runs the ones it recorded (every ``world_size``-th) and gradients are
-    summed over ranks, which is the single-process accumulation up to float rounding."""
-    optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
+def train_span(modules, span, inputs, targets, held_inputs, held_targets, total, trainable, options, device, seed,
+               block_name) -> GuardResult:
+    """AdamW on MSE, guarded by the held-out relative error (:mod:`blockprune.sandwich.guard`). Each step takes
+    ``batch_size`` batches from a seeded permutation of all ``total`` training batches; under a launcher each
+    rank runs the ones it recorded (every ``world_size``-th) and gradients are summed over ranks, which is the
+    single-process accumulation up to float rounding."""
     world, rank = distributed.world_size(), distributed.rank() if distributed.active() else 0
-    order: list[int] = []
-    for step in range(options.steps):
-        optimizer.zero_grad(set_to_none=False)
-        for parameter in trainable:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-        finite = torch.ones(1, dtype=torch.float64)
-        for _ in range(options.batch_size):
-            if not order:
-                order = torch.randperm(total, generator=generator).tolist()
-            index = order.pop()
-            if index % world != rank:
-                continue
-            with torch.enable_grad(), autocast(device), _training_attention(device):
-                outputs = span_forward(modules, span, to_device(inputs[index // world], device), options.gradient_checkpointing)
-                squared, _, count = _errors(outputs, to_device(targets[index // world], device))
-                loss = squared / count
-            if not torch.isfinite(loss):
-                finite.zero_()
-                break
-            (loss / options.batch_size).backward()
-        distributed.all_reduce_sum([finite, *[p.grad for p in trainable]])
-        if finite.item() < world:
-            raise SandwichDivergedError(
-                f"sandwich training of block {block_name} diverged (NaN or Inf loss at step {step}); the stage "
-                f"was rolled back: lower sandwich_lr (now {options.lr}) or check the calibration data"
-            )
-        optimizer.step()
+
+    def step_loss(index: int) -> torch.Tensor | None:
+        if index % world != rank:
+            return None
+        with torch.enable_grad(), autocast(device), _training_attention(device):
+            outputs = span_forward(modules, span, to_device(inputs[index // world], device), options.gradient_checkpointing)
+            squared, _, count = _errors(outputs, to_device(targets[index // world], device))
+            return squared / count
+
+    def held_error() -> float:
+        return evaluate_span(modules, span, held_inputs, held_targets, device)[1]
+
+    return guarded_training(trainable, step_loss, held_error, total, guard_settings(options), seed,
+                            f"sandwich training of block {block_name}")
+
+
+def guard_settings(options: Any, steps: int | None = None) -> GuardSettings:
+    """The guard's settings from a :class:`~blockprune.config.SandwichConfig` (``steps``: other than its own)."""
+    return GuardSettings(options.steps if steps is None else steps, options.lr, options.batch_size,
+                         options.eval_every, options.patience)

@@ -3,11 +3,13 @@
 Candidate plans come from several signals (the built-in forward metrics in both ablation modes, and the
 fixed orders), scored on calibration batches with a share held out. Each plan's blocks are replaced at
 once by least-squares surrogates fitted on the other batches, and the result is compared with the intact
-model: with a pipeline at hand, on images sampled over a short trajectory (errors compound over the steps,
-and ``docs/results.md`` shows a one-step check picking plans 3 to 7 dB worse); without one, by the one-step
-output error of the held-out batches (relative squared error). A greedy refinement then tries
-swapping blocks of the best plan for the next ones in its ranking, and keeps a swap only when the
-error falls. The winner is therefore never worse, by that check, than any candidate, the default
+model over several denoising steps, since errors compound over the steps (``docs/results.md`` shows a
+one-step output check picking plans 3 to 7 dB worse than the best signal): with a pipeline at hand, on
+images sampled over a short trajectory; without one, for rectified-flow models (the adapter's
+``flow_time_scale``), on latents integrated from the held-out batches' noise levels down to 0; otherwise
+on the held-out batches' one-step outputs. A greedy refinement then
+tries swapping blocks of the best plan for the next ones in its ranking, and keeps a swap only when the
+error falls. The winner is therefore never worse, by that check, than any candidate, the simpler default
 (``fit_residual``) included.
 """
 
@@ -32,6 +34,7 @@ from .cache import cache_directory
 from .combination import resolve_metrics
 from .metrics.generation import generation_settings
 from .selection import ImportanceTable, compute_scores, score_run
+from .trajectory import flow_trajectory
 
 if TYPE_CHECKING:
     from ..run import Run
@@ -43,7 +46,7 @@ FALLBACK = "fit_residual"  # with a single calibration batch there is nothing to
 # (metric, ablation) pairs that rank blocks; each gives one candidate plan
 SIGNALS = (("fit_residual", "remove"), ("output_mse", "remove"), ("output_mse", "replace"), ("block_influence", "remove"))
 FIXED_ORDERS = ("start2end", "end2start")
-TRAJECTORY_STEPS, TRAJECTORY_PROMPTS = 8, 4  # the images check, unless metric_options say otherwise
+TRAJECTORY_STEPS, TRAJECTORY_PROMPTS = 8, 4  # the images / latent trajectory checks (generation_* metric options)
 SWAP_POOL = 2  # greedy refinement: blocks outside the plan tried in place of each block inside it
 
 
@@ -73,23 +76,17 @@ def split_for_selection(batches: list[dict[str, Any]], held_out: float) -> tuple
 class PlanEvaluator:
     """Held-out error with a plan's blocks replaced by surrogates fitted once each.
 
-    Without ``sample`` it is the model's one-step output error on the held-out batches. With ``sample``
-    (a function that returns images from the model as it is), it is the error of images sampled over a
-    whole short trajectory, where errors compound over the steps as they do for the user.
+    ``measure`` returns the tensors compared with the intact model's, from the model as it is: sampled
+    images, the clean latents of a short trajectory from each held-out batch, or one-step outputs.
     """
 
-    def __init__(self, model: nn.Module, blocks: list[Block], fit: list[dict], held: list[dict], ridge: float,
-                 record_device: Any = None, sample: Callable[[], torch.Tensor] | None = None) -> None:
-        self.model, self.by_name, self.fit, self.held = model, {b.name: b for b in blocks}, fit, held
-        self.ridge, self.record_device, self.sample = ridge, record_device, sample
+    def __init__(self, model: nn.Module, blocks: list[Block], fit: list[dict], ridge: float,
+                 record_device: Any, measure: Callable[[], list[torch.Tensor]]) -> None:
+        self.model, self.by_name, self.fit, self.measure = model, {b.name: b for b in blocks}, fit, measure
+        self.ridge, self.record_device = ridge, record_device
         self.surrogates: dict[str, nn.Module] = {}
         self.errors: dict[tuple[str, ...], float] = {}
-        self.reference = self._outputs()
-
-    def _outputs(self) -> list[torch.Tensor]:
-        if self.sample is not None:
-            return [self.sample().float()]
-        return [output_tensor(forward_batch(self.model, b, i)).float() for i, b in enumerate(self.held)]
+        self.reference = [t.float() for t in measure()]
 
     def _surrogate(self, name: str) -> nn.Module:
         if name not in self.surrogates:  # fitted on the intact model, as the plan's first replacement would be
@@ -114,7 +111,7 @@ class PlanEvaluator:
         key = tuple(sorted(names))
         if key not in self.errors:
             with self._replaced(names):
-                outputs = self._outputs()
+                outputs = [t.float() for t in self.measure()]
             error = sum(float(((got - expected) ** 2).sum()) for got, expected in zip(outputs, self.reference))
             reference = sum(float((expected**2).sum()) for expected in self.reference)
             self.errors[key] = error / reference if reference > 0 else error
@@ -151,19 +148,34 @@ def _refine(best: Candidate, count: int, evaluator: PlanEvaluator, rounds: int) 
     return plan + rest, error
 
 
-def _sampler(run: Run) -> Callable[[], torch.Tensor] | None:
-    """With a pipeline at hand: images over a short trajectory (``generation_*`` metric options, else a few bundled
-    prompts at ``TRAJECTORY_STEPS`` steps); without one, ``None`` (the one-step output check)."""
+def check_kind(run: Run) -> str:
+    """What ``auto`` checks plans on: ``"images"``, ``"trajectory"`` or ``"outputs"``."""
     check = run.config.scoring.auto_check
     if check == "images" and run.pipeline is None:
         raise BlockpruneError("auto_check='images' samples images and needs a pipeline: pass the pipeline to compress, "
-                              "or use auto_check='outputs'")
-    if run.pipeline is None or check == "outputs":
-        return None
+                              "or use auto_check='trajectory' (rectified-flow models) or 'outputs'")
+    if check == "trajectory" and run.adapter.flow_time_scale is None:
+        raise BlockpruneError(f"auto_check='trajectory' steps a rectified-flow sampler, and the {run.adapter.name!r} "
+                              f"adapter sets no flow_time_scale; pass the pipeline to compress, or auto_check='outputs'")
+    if check != "auto":
+        return check
+    if run.pipeline is not None:
+        return "images"
+    return "trajectory" if run.adapter.flow_time_scale is not None else "outputs"
+
+
+def _measure(run: Run, kind: str, held: list[dict]) -> Callable[[], list[torch.Tensor]]:
+    """The function whose tensors, compared with the intact model's, score a plan."""
     options = {"generation_steps": TRAJECTORY_STEPS, "generation_prompts": bundled_prompts()[:TRAJECTORY_PROMPTS],
                **(run.config.scoring.metric_options or {})}
-    settings = generation_settings(ScoringContext(run.transformer, run.adapter, [], [], run.pipeline, options))
-    return lambda: run.adapter.generate(run.pipeline, settings["prompts"], settings["seeds"], settings["steps"])
+    if kind == "images":
+        settings = generation_settings(ScoringContext(run.transformer, run.adapter, [], [], run.pipeline, options))
+        return lambda: [run.adapter.generate(run.pipeline, settings["prompts"], settings["seeds"], settings["steps"])]
+    held = held[: run.config.scoring.auto_check_batches]
+    if kind == "trajectory":
+        steps, scale = int(options["generation_steps"]), float(run.adapter.flow_time_scale)
+        return lambda: [flow_trajectory(run.transformer, b, i, scale, steps) for i, b in enumerate(held)]
+    return lambda: [output_tensor(forward_batch(run.transformer, b, i)) for i, b in enumerate(held)]
 
 
 def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None) -> ImportanceTable:
@@ -173,16 +185,20 @@ def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None) -> 
         logger.warning("importance='auto' needs 2 calibration batches to hold one out and has 1: blocks are ranked "
                        "by %s alone; pass more batches to have the choice checked", FALLBACK)
         return score_run(run, FALLBACK, blocks, bars)
+    kind = check_kind(run)
+    if kind == "outputs" and scoring.auto_check == "auto":
+        logger.info("importance='auto' checks plans on one-step outputs: no pipeline was given and the %r adapter is "
+                    "not a rectified-flow one; pass the pipeline to compress to check them on sampled images",
+                    run.adapter.name)
     fit, held = split_for_selection(run.scoring_batches, scoring.auto_held_out)
     on_block = None
     if bars is not None:
         task = bars.add_task("scoring blocks (auto: all signals)", total=len(blocks) * len(SIGNALS))
-        on_block = lambda block: bars.advance(task)  # noqa: E731
+        on_block = lambda block: bars.advance(task)
     candidates = _candidates(run, blocks, fit, on_block)
-    sample = _sampler(run)
     with torch.no_grad():
-        evaluator = PlanEvaluator(run.transformer, blocks, fit, held, run.config.ridge, run.config.record_device,
-                                  sample)
+        evaluator = PlanEvaluator(run.transformer, blocks, fit, run.config.ridge, run.config.record_device,
+                                  _measure(run, kind, held))
         errors = {c.name: evaluator.error(c.ranking[:count]) for c in candidates}
         best = min(candidates, key=lambda c: errors[c.name])
         ranking, refined = _refine(best, count, evaluator, scoring.auto_refine)
@@ -193,6 +209,6 @@ def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None) -> 
     names = [b.name for b in blocks]
     values = {c.name: c.values for c in candidates if c.values is not None}
     selection = {"candidates": errors, "chosen": chosen, "fit_batches": len(fit), "held_batches": len(held),
-                 "evaluations": len(evaluator.errors), "checked_on": "images" if sample else "outputs"}
+                 "evaluations": len(evaluator.errors), "checked_on": kind}
     return ImportanceTable(names, values, {name: float(name == best.name) for name in values},
                            {name: float(ranking.index(name)) for name in names}, AUTO, [], selection)

@@ -6,12 +6,21 @@ synthetic inputs of the right shapes (the ``flux-random`` small model).
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
+
+from ..runtime.timing import (
+    Latency,
+    compare_text,
+    machine,
+    ratio_range,
+    time_interleaved,
+)
+from .grid import save_image_grid
 
 TEXT_TOKENS = 8
 IMAGE_SIDE = 8  # 8 × 8 = 64 image tokens
@@ -74,74 +83,115 @@ def flux_batches(
     return batches
 
 
-def demo(
-    ratio: float = 0.2, output: str | Path = "blockprune-demo", seed: int = 0, model: str = "flux-small", prompts: int = 16
-) -> dict[str, Any]:
+LATENCY_REPEATS, LATENCY_WARMUP = 15, 3
+
+
+def demo(ratio: float = 0.2, output: str | Path = "blockprune-demo", seed: int = 0, model: str = "flux-small",
+         num_prompts: int = 16, progress: bool = True) -> dict[str, Any]:
     """Compress a trained small model, save and reload it, and report quality against the original.
 
     Prints the plan, teacher fidelity (PSNR, SSIM of the compressed model's images against the original's from
-    the same noise and prompts), attribute accuracy of both, FLOPs and CPU latency, and writes
-    ``{output}/grid.png`` (original above, compressed below) next to the saved transformer.
+    the same noise and prompts), attribute accuracy of both, FLOPs, and CPU latency (median ± half the
+    interquartile range of interleaved runs after a warm-up, and whether the difference is within noise); writes
+    ``{output}/grid.png`` (labelled rows: original, compressed; columns: the prompts) next to the saved transformer.
     """
     import blockprune
 
     from ..errors import BlockpruneError
+    from ..progress import progress_bars
+    from ..report import output_console
     from . import (
         ToyPipeline,
         attribute_accuracy,
         calibration_batches,
         evaluation_prompts,
-        generate,
-        save_image_grid,
         teacher_fidelity,
     )
 
-    if isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 1:
-        raise BlockpruneError(f"prompts must be a positive integer (images to compare on), got {prompts!r}")
+    if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
+        raise BlockpruneError(f"num_prompts must be a positive integer (images to compare on), got {num_prompts!r}")
     torch.set_num_threads(min(2, torch.get_num_threads()))  # a width-128 model: more threads cost more than they save
-    console = Console()
+    console = output_console()
     pipe = ToyPipeline.from_pretrained(model)
     blocks = " + ".join(str(b) for b in pipe.config.blocks)
     console.print(f"[bold]blockprune demo[/]: {model}, a {pipe.config.family.upper()}-architecture text-to-image "
-                  f"model ({blocks} blocks, width {pipe.config.width}) trained on toy shapes; compressing {ratio:.0%}")
-    texts = evaluation_prompts(prompts, seed=seed + 1)
-    seeds = list(range(seed, seed + prompts))
-    original_images = generate(pipe, texts, seeds)
-    timing = calibration_batches(pipe, 1, seed=seed + 2, batch_size=prompts)[0]
-    original_seconds = _latency(pipe.transformer, timing)
-    started = time.perf_counter()
-    calibration = calibration_batches(pipe, 32, seed=seed, batch_size=8)  # 256 samples at random noise levels
-    blockprune.compress(pipe, adapter=pipe.config.family, ratio=ratio, calibration=calibration, seed=seed,
-                        score_batches=8, cache_dir=False)
-    elapsed = time.perf_counter() - started
+                  f"model ({blocks} blocks, width {pipe.config.width}) trained on toy shapes; compressing {ratio:.0%}",
+                  soft_wrap=True)
+    texts = evaluation_prompts(num_prompts, seed=seed + 1)
+    seeds = list(range(seed, seed + num_prompts))
+    with progress_bars(progress, console) as bars:
+        original_images = _generate(pipe, texts, seeds, bars, "generating images (original)")
+    original = copy.deepcopy(pipe.transformer)  # timed against the compressed one, in turns
     output = Path(output)
-    blockprune.save_pretrained(pipe.transformer, output / "transformer")
-    pipe.transformer = blockprune.from_pretrained(output / "transformer")
-    images = generate(pipe, texts, seeds)
-    grid = save_image_grid({"original": original_images[:8], f"{ratio:.0%} replaced": images[:8]}, output / "grid.png")
+    elapsed = _compress_and_reload(pipe, ratio, seed, output, progress)
     plan = blockprune.plan(pipe.transformer)
+    with progress_bars(progress, console) as bars:
+        images = _generate(pipe, texts, seeds, bars, "generating images (compressed)")
+    label = f"compressed: {len(plan.replaced)} of {len(plan.blocks)} blocks replaced ({ratio:.0%})"
+    grid = save_image_grid({"original": original_images[:8], label: images[:8]}, output / "grid.png",
+                           columns=texts[:8])
+    timing = calibration_batches(pipe, 1, seed=seed + 2, batch_size=num_prompts)[0]
+    before, after = _latency([original, pipe.transformer], timing)
+    ratio_now, low, high = ratio_range(after, before)
     result = {
-        "seconds": elapsed,
-        **teacher_fidelity(images, original_images),
+        "seconds": elapsed, **teacher_fidelity(images, original_images),
         "accuracy_before": attribute_accuracy(original_images, texts)["accuracy"],
         "accuracy_after": attribute_accuracy(images, texts)["accuracy"],
         "flops_ratio": plan.flops_after / plan.flops_before,
-        "latency_ratio": _latency(pipe.transformer, timing) / original_seconds,
+        "latency_ratio": ratio_now, "latency_range": (low, high), "latency_within_noise": low <= 1 <= high,
     }
-    console.print(f"compressed in {elapsed:.1f} s; saved to {output / 'transformer'}/ and reloaded")
-    console.print(f"on {prompts} prompts, the same noise: PSNR {result['psnr']:.1f} dB, SSIM {result['ssim']:.3f} against "
-                  f"the original; attribute accuracy {result['accuracy_before']:.2f} → {result['accuracy_after']:.2f}")
-    console.print(f"FLOPs × {result['flops_ratio']:.3f}, CPU latency × {result['latency_ratio']:.3f} (batch {prompts})")
-    console.print(f"image grid (original above, compressed below): {grid}")
+    _report(console, result, num_prompts, (before, after), output, grid)
     return result
 
 
-def _latency(transformer: torch.nn.Module, batch: dict[str, Any], repeats: int = 7) -> float:
-    """Median seconds of one forward pass."""
-    times = []
+def _compress_and_reload(pipe: Any, ratio: float, seed: int, output: Path, progress: bool) -> float:
+    """Compress ``pipe`` on 256 calibration samples, save its transformer to ``output`` and load it back in its
+    place; returns the seconds ``compress`` took."""
+    import blockprune
+
+    from .pipeline import calibration_batches
+
+    started = time.perf_counter()
+    calibration = calibration_batches(pipe, 32, seed=seed, batch_size=8)  # 256 samples at random noise levels
+    blockprune.compress(pipe, adapter=pipe.config.family, ratio=ratio, calibration=calibration, seed=seed,
+                        score_batches=8, cache_dir=False, progress=progress)
+    elapsed = time.perf_counter() - started
+    blockprune.save_pretrained(pipe.transformer, output / "transformer")
+    pipe.transformer = blockprune.from_pretrained(output / "transformer")
+    return elapsed
+
+
+def _report(console: Any, result: dict[str, Any], num_prompts: int, latency: tuple[Latency, Latency], output: Path,
+            grid: Path) -> None:
+    """The demo's figures, one whole line each (soft-wrapped, so that a log keeps them on one line)."""
+    before, after = latency
+    lines = [
+        f"compressed in {result['seconds']:.1f} s; saved to {output / 'transformer'}/ and reloaded",
+        (f"on {num_prompts} prompts, the same noise: PSNR {result['psnr']:.1f} dB, SSIM {result['ssim']:.3f} against "
+         f"the original; attribute accuracy {result['accuracy_before']:.2f} → {result['accuracy_after']:.2f}"),
+        f"FLOPs × {result['flops_ratio']:.3f} (counted, the steady figure)",
+        (f"CPU latency, batch {num_prompts} on {machine()}, median ± half the interquartile range of {LATENCY_REPEATS} "
+         f"runs in turns after {LATENCY_WARMUP} warm-up: {before.text()} → {after.text()}, {compare_text(after, before)}"),
+        f"image grid (rows: original, compressed; columns: the first {min(8, num_prompts)} prompts): {grid}",
+    ]
+    for line in lines:
+        console.print(line, soft_wrap=True)
+
+
+def _generate(pipe: Any, texts: list[str], seeds: list[int], bars: Any, description: str, chunk: int = 4) -> torch.Tensor:
+    """:func:`blockprune.toy.generate` in chunks of ``chunk`` prompts, advancing a bar."""
+    from . import generate
+
+    task = bars.add_task(description, total=len(texts))
+    images = []
+    for start in range(0, len(texts), chunk):
+        images.append(generate(pipe, texts[start:start + chunk], seeds[start:start + chunk]))
+        bars.advance(task, len(images[-1]))
+    return torch.cat(images)
+
+
+def _latency(transformers: list[torch.nn.Module], batch: dict[str, Any]) -> list[Latency]:
+    """Forward latency of each transformer on ``batch``, timed in turns (see :func:`time_interleaved`)."""
     with torch.no_grad():
-        for _ in range(repeats):
-            started = time.perf_counter()
-            transformer(**batch)
-            times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
+        return time_interleaved([lambda model=model: model(**batch) for model in transformers], LATENCY_REPEATS,
+                                LATENCY_WARMUP)

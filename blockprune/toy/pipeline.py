@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import BlockpruneError
 from ..plan import PLAN_ATTRIBUTE
+from ..runtime.atomic import save_safetensors
 from ..runtime.forward import model_device
 from .dataset import sample_batch
 from .models import (
@@ -109,12 +110,15 @@ class ToyPipeline:
         output_type: str = "pt",
         guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
     ) -> ToyPipelineOutput:
         """Sample images for ``prompt`` with ``num_inference_steps`` Euler steps from t = 1 (noise) to 0.
 
         ``guidance_scale`` > 1 applies classifier-free guidance against the empty prompt (both halves in one
         transformer call). Defaults come from the model's config. Noise is drawn on the generator's device
         (one generator per image is accepted, as in diffusers), so results do not depend on batching.
+        ``height`` and ``width`` are accepted as in diffusers, but a toy model draws only its own image size.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -127,6 +131,9 @@ class ToyPipeline:
         if not prompts:
             raise BlockpruneError("prompt is empty: pass a string or a non-empty list of strings")
         size = self.config.image_size
+        if any(side not in (None, size) for side in (height, width)):
+            raise BlockpruneError(f"this toy model draws {size} × {size} images only, got height={height!r}, "
+                                  f"width={width!r}; leave them out or pass {size}")
         x = _noise((len(prompts), 3, size, size), generator).to(self.device, self.dtype)
         states, pooled = self.encode_prompt(prompts)
         guided = scale != 1.0
@@ -156,7 +163,7 @@ class ToyPipeline:
         files["config"].parent.mkdir(parents=True, exist_ok=True)
         for part in ("transformer", "text_encoder"):
             state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in getattr(self, part).state_dict().items()}
-            save_file(state, files[part])
+            save_safetensors(state, files[part])
         data = {"config": self.config.to_dict(), "dtype": str(dtype).removeprefix("torch."), "metadata": metadata or {}}
         files["config"].write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         return files

@@ -14,13 +14,15 @@ from .pipeline import WEIGHTS_DIR, weight_files
 
 @dataclass(frozen=True)
 class SmallModel:
-    """A named small model: how to build it (a transformer or a pipeline holding one) and calibration for it."""
+    """A named small model: how to build it (a transformer or a pipeline holding one), calibration for it, and
+    for a text-to-image pipeline prompts it can draw."""
 
     name: str
     description: str
     adapter: str
     build: Callable[[], Any]
     calibration: Callable[[Any, int, int], list[dict[str, Any]]]  # (model, count, seed) -> batches
+    prompts: Callable[[int, int], list[str]] | None = None  # (count, seed) -> prompts; None: a bare transformer
 
 
 def _random_flux() -> Any:
@@ -58,7 +60,8 @@ def toy_small_models(directory: str | Path = WEIGHTS_DIR) -> dict[str, SmallMode
         config = json.loads(files["config"].read_text(encoding="utf-8"))["config"]
         blocks = " + ".join(str(b) for b in config["blocks"])
         description = f"{config['family'].upper()} architecture, {blocks} blocks, width {config['width']}, trained on toy shapes"
-        found[name] = SmallModel(name, description, adapter, _toy_builder(name, directory), _toy_calibration)
+        found[name] = SmallModel(name, description, adapter, _toy_builder(name, directory), _toy_calibration,
+                                 _toy_prompts)
     return found
 
 
@@ -75,6 +78,12 @@ def _toy_calibration(model: Any, count: int, seed: int) -> list[dict[str, Any]]:
     from .pipeline import calibration_batches
 
     return calibration_batches(model, count, seed=seed)
+
+
+def _toy_prompts(count: int, seed: int) -> list[str]:
+    from .evaluation import evaluation_prompts
+
+    return evaluation_prompts(count, seed=seed)
 
 
 SMALL_MODELS.update(toy_small_models())

@@ -1,0 +1,153 @@
+"""Guarded training: a held-out check before and during training keeps only weights that made it better.
+
+Both sandwich stages and the global healing stage train through :func:`guarded_training`. It evaluates the
+held-out error before the first step and every ``eval_every`` steps, keeps the best weights seen, stops once
+``patience`` evaluations in a row bring no improvement, and ends on the best weights, which are the starting
+ones when training never beat them. The rate follows a linear warm-up and a cosine decay; with
+``lr="auto"`` each rate of :data:`LR_GRID` first trains a short probe from the same start, and the rate whose
+probe reached the lowest held-out error trains on from where its probe ended.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SandwichDivergedError
+from ..runtime import distributed
+
+LR_GRID = (1e-4, 3e-4, 1e-3)  # lr="auto": the rates probed, the paper's 1e-4 first
+WARMUP_SHARE = 0.1  # of the steps, at a linearly rising rate
+FINAL_LR_SHARE = 0.1  # the cosine decays to this share of the peak rate
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """How one guarded training runs: steps, rate (a number or ``"auto"``), batches per step, checks."""
+
+    steps: int
+    lr: float | str
+    batch_size: int
+    eval_every: int
+    patience: int
+
+
+@dataclass
+class GuardResult:
+    """What a guarded training did: held-out errors before and at the end, the best step (0: the start kept)."""
+
+    error_before: float
+    error_after: float
+    best_step: int
+    steps_run: int
+    lr: float
+    lr_errors: dict[str, float]
+
+    @property
+    def reverted(self) -> bool:
+        """Whether training never beat the starting weights, which were therefore kept."""
+        return self.best_step == 0
+
+
+def learning_rate(step: int, steps: int, peak: float) -> float:
+    """The rate of optimizer step ``step`` (0-based) of ``steps``: linear warm-up, then cosine decay."""
+    warmup = max(1, round(WARMUP_SHARE * steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (FINAL_LR_SHARE + (1 - FINAL_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class _Trainer:
+    """AdamW over ``trainable`` with the batches of a seeded permutation; each step sums gradients over ranks."""
+
+    def __init__(self, trainable: list[torch.Tensor], step_loss: Callable[[int], torch.Tensor | None], total: int,
+                 settings: GuardSettings, seed: int, name: str, peak: float) -> None:
+        self.trainable, self.step_loss, self.total, self.settings, self.name = trainable, step_loss, total, settings, name
+        self.peak = peak
+        self.optimizer = torch.optim.AdamW(trainable, lr=peak, weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+        self.step = 0
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            self._one_step()
+
+    def _one_step(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, self.settings.steps, self.peak)
+        self.optimizer.zero_grad(set_to_none=False)
+        for parameter in self.trainable:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        finite = torch.ones(1, dtype=torch.float64)
+        for _ in range(self.settings.batch_size):
+            if not self.order:
+                self.order = torch.randperm(self.total, generator=self.generator).tolist()
+            loss = self.step_loss(self.order.pop())
+            if loss is None:  # another rank's batch
+                continue
+            if not torch.isfinite(loss):
+                finite.zero_()
+                break
+            (loss / self.settings.batch_size).backward()
+        distributed.all_reduce_sum([finite, *[p.grad for p in self.trainable]])
+        if finite.item() < distributed.world_size():
+            raise SandwichDivergedError(
+                f"{self.name} diverged (NaN or Inf loss at step {self.step}, rate {self.peak:g}); it was rolled "
+                f"back: pass a lower fixed rate (sandwich_lr=1e-5, say) or check the calibration data"
+            )
+        self.optimizer.step()
+        self.step += 1
+
+
+def _snapshot(trainable: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainable]
+
+
+def _load(trainable: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for parameter, value in zip(trainable, values):
+            parameter.copy_(value)
+
+
+def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], torch.Tensor | None],
+                     held_error: Callable[[], float], total: int, settings: GuardSettings, seed: int,
+                     name: str) -> GuardResult:
+    """Train ``trainable`` on ``step_loss(batch index)`` (``None`` for batches of other ranks) and end on the
+    weights with the lowest ``held_error()`` seen, the starting ones included; see the module docstring."""
+    start = _snapshot(trainable)
+    error_before = held_error()
+    rates = LR_GRID if settings.lr == "auto" else (float(settings.lr),)
+    probe = min(settings.steps, max(settings.eval_every, settings.steps // 5)) if len(rates) > 1 else 0
+    lr_errors: dict[str, float] = {}
+    chosen: tuple[float, _Trainer, list[torch.Tensor]] | None = None
+    for rate in rates if probe else ():
+        _load(trainable, start)
+        trainer = _Trainer(trainable, step_loss, total, settings, seed, name, rate)
+        trainer.run(probe)
+        error = held_error()
+        lr_errors[f"{rate:g}"] = error
+        if chosen is None or error < chosen[0]:
+            chosen = (error, trainer, _snapshot(trainable))
+    if chosen is None:
+        trainer = _Trainer(trainable, step_loss, total, settings, seed, name, rates[0])
+        best_error, best_step, best = error_before, 0, start
+    else:
+        error, trainer, weights = chosen
+        _load(trainable, weights)
+        best_error, best_step, best = (error, probe, weights) if error < error_before else (error_before, 0, start)
+    stale = 0
+    while trainer.step < settings.steps and stale < settings.patience:
+        trainer.run(min(settings.eval_every, settings.steps - trainer.step))
+        error = held_error()
+        if error < best_error:
+            best_error, best_step, best, stale = error, trainer.step, _snapshot(trainable), 0
+        else:
+            stale += 1
+    _load(trainable, best)
+    return GuardResult(error_before, best_error, best_step, trainer.step, trainer.peak, lr_errors)

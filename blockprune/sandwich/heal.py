@@ -1,0 +1,123 @@
+"""Global healing: after the last replacement, the whole compressed model trained to the unpruned model's output.
+
+Beyond the paper (PPCL and TinyFusion heal a variant). LoRA goes on every kept block and the surrogates
+train in full, against the unpruned model's final output on the training batches at their own noise levels;
+the held-out batches guard it (:mod:`blockprune.sandwich.guard`), so healing never ends worse than it began.
+LoRA is merged afterwards, so inference costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapter import Adapter
+from ..config import SandwichConfig
+from ..runtime import distributed
+from ..runtime.forward import forward_batch, model_device, output_tensor, to_device
+from .guard import guarded_training
+from .lora import add_lora, merge_lora, remove_lora
+from .training import autocast, guard_settings
+
+
+@dataclass
+class HealReport:
+    """What healing did: steps, held-out relative output error before and after, the rate, the kept step."""
+
+    steps: int
+    steps_run: int
+    best_step: int
+    relative_error_before: float
+    relative_error_after: float
+    lr: float
+    lr_errors: dict[str, float] = field(default_factory=dict)
+    lora_blocks: list[str] = field(default_factory=list)
+    surrogates: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def reverted(self) -> bool:
+        """Whether healing never beat the compressed model it started from, which was therefore kept."""
+        return self.best_step == 0
+
+
+def reference_outputs(model: nn.Module, batches: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """The model's output on each batch, on the CPU: the unpruned targets of healing."""
+    return [output_tensor(forward_batch(model, batch, index)).detach().cpu() for index, batch in enumerate(batches)]
+
+
+def _relative_error(model: nn.Module, batches: list[dict], targets: list[torch.Tensor], device: torch.device) -> float:
+    squared = reference = 0.0
+    with torch.no_grad(), autocast(device):
+        for index, (batch, target) in enumerate(zip(batches, targets)):
+            got = output_tensor(forward_batch(model, batch, index)).float()
+            expected = target.to(got.device).float()
+            squared += float(((got - expected) ** 2).sum())
+            reference += float((expected**2).sum())
+    return squared / reference if reference > 0 else squared
+
+
+def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[str], train: list[dict],
+         train_targets: list[torch.Tensor], held: list[dict], held_targets: list[torch.Tensor],
+         options: SandwichConfig, seed: int) -> HealReport:
+    """Train LoRA on the ``kept`` blocks and the ``surrogates`` in full to ``*_targets``; merge; report.
+
+    On any error the model is put back as it was before healing.
+    """
+    started = time.perf_counter()
+    device = model_device(model)
+    modules = {name: model.get_submodule(name) for name in kept + surrogates}
+    snapshot = {name: {k: v.detach().clone() for k, v in modules[name].state_dict().items()} for name in surrogates}
+    dtypes = {name: next(modules[name].parameters()).dtype for name in surrogates}
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    world, rank = distributed.world_size(), distributed.rank() if distributed.active() else 0
+
+    def step_loss(index: int) -> torch.Tensor | None:
+        if index % world != rank:
+            return None
+        with torch.enable_grad(), autocast(device):
+            got = output_tensor(model(**to_device(train[index], device))).float()
+            return ((got - train_targets[index].to(device).float()) ** 2).mean()
+
+    lora_blocks: list[str] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            model.requires_grad_(False)
+            for name in surrogates:
+                modules[name].float().requires_grad_(options.train_surrogates)
+            for name in kept:
+                targets = list(options.lora_targets or adapter.lora_targets(modules[name]))
+                if targets:
+                    add_lora(modules[name], targets, options.lora_rank, options.lora_alpha)
+                    lora_blocks.append(name)
+            trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+            settings = guard_settings(options, steps=options.heal_steps)
+            result = guarded_training(trainable, step_loss,
+                                      lambda: _relative_error(model, held, held_targets, device),
+                                      len(train), settings, seed, "global healing")
+        except BaseException:
+            for name in kept:
+                remove_lora(modules[name])
+            for name in surrogates:
+                modules[name].load_state_dict(snapshot[name])
+                modules[name].to(dtypes[name])
+            _reset_requires_grad(model, requires_grad)
+            raise
+    for name in lora_blocks:
+        merge_lora(modules[name])
+    for name in surrogates:
+        modules[name].to(dtypes[name])
+    _reset_requires_grad(model, requires_grad)
+    return HealReport(options.heal_steps, result.steps_run, result.best_step, result.error_before, result.error_after,
+                      result.lr, result.lr_errors, lora_blocks, list(surrogates) if options.train_surrogates else [],
+                      time.perf_counter() - started)
+
+
+def _reset_requires_grad(model: nn.Module, requires_grad: dict[int, bool]) -> None:
+    for parameter in model.parameters():
+        parameter.requires_grad_(requires_grad.get(id(parameter), True))

@@ -1,0 +1,57 @@
+"""A short denoising trajectory in latent space, for checking plans on a bare transformer (no pipeline at hand).
+
+Rectified-flow transformers (FLUX, SD3 and the like) predict a velocity ``v`` and their samplers step
+``x ← x + (σ_next − σ) v``. Starting from seeded noise shaped like a calibration batch's latents, a few
+Euler steps from σ = 1 down to 0, conditioned on the batch's text states, give the latents the model would
+draw for that text (without classifier-free guidance). Comparing those of a compressed model with the
+intact model's sees what a one-step output check cannot: errors that compound, or cancel, over the steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BlockpruneError
+from ..runtime.forward import forward_batch, model_device, output_tensor, to_device
+
+LATENTS = "hidden_states"
+TIMESTEP = "timestep"
+
+
+def check_flow_batch(batch: Mapping[str, Any], index: int) -> None:
+    """Refuse a batch that lacks the noisy latents or the timestep a trajectory starts from."""
+    missing = [key for key in (LATENTS, TIMESTEP) if not isinstance(batch.get(key), torch.Tensor)]
+    if missing:
+        raise BlockpruneError(
+            f"calibration batch {index} has no tensor {' or '.join(map(repr, missing))}, which the trajectory check "
+            f"of importance='auto' starts from; pass the pipeline to compress, or auto_check='outputs'"
+        )
+
+
+def flow_trajectory(model: nn.Module, batch: Mapping[str, Any], index: int, time_scale: float, steps: int) -> torch.Tensor:
+    """The clean latents after ``steps`` Euler steps from pure noise (noise level 1) down to 0.
+
+    The noise is seeded by ``index`` and shaped like the batch's latents; the batch's other inputs (the
+    text states, guidance ...) condition every step, as a sampler's would. ``time_scale`` is what the
+    model's ``timestep`` argument is in units of the noise level (FLUX: 1, SD3: 1000).
+    """
+    check_flow_batch(batch, index)
+    batch = to_device(dict(batch), model_device(model))
+    latents, timestep = batch[LATENTS], batch[TIMESTEP]
+    generator = torch.Generator().manual_seed(index)
+    x = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    for i in range(steps):
+        now, after = 1 - i / steps, 1 - (i + 1) / steps
+        arguments = {**batch, LATENTS: x, TIMESTEP: torch.full_like(timestep, now * time_scale)}
+        velocity = output_tensor(forward_batch(model, arguments, index))
+        if velocity.shape != x.shape:
+            raise BlockpruneError(
+                f"the model's output {tuple(velocity.shape)} is not shaped like its {LATENTS} {tuple(x.shape)}, so it "
+                f"is not a velocity to step with; pass the pipeline to compress, or auto_check='outputs'"
+            )
+        x = x + ((after - now) * velocity.float()).to(x.dtype)
+    return x

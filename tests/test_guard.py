@@ -1,0 +1,91 @@
+"""The held-out guard of sandwich stages and of global healing: never worse than the start, early stop, rates."""
+
+import pytest
+import torch
+from conftest import flux_batches, make_flux
+
+import blockprune
+from blockprune.plan import plan as plan_of
+from blockprune.sandwich.guard import (
+    LR_GRID,
+    GuardSettings,
+    guarded_training,
+    learning_rate,
+)
+
+FAST = {"progress": False, "cache_dir": False, "importance": "fit_residual"}
+
+
+def test_the_rate_warms_up_then_decays():
+    rates = [learning_rate(step, 100, 1e-3) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_training_that_raises_the_held_out_error_is_reverted_to_the_start():
+    weight = torch.nn.Parameter(torch.zeros(3))
+    start = weight.detach().clone()
+
+    def step_loss(index):  # training pulls the weight away from what the held-out check wants
+        return ((weight - 1.0) ** 2).sum()
+
+    result = guarded_training([weight], step_loss, lambda: float((weight**2).sum()), 4,
+                              GuardSettings(steps=40, lr=0.1, batch_size=1, eval_every=5, patience=2), 0, "test")
+    assert result.reverted and torch.equal(weight.detach(), start)
+    assert result.error_after == result.error_before == 0.0
+    assert result.steps_run == 10  # stopped after two checks without improvement
+
+
+def test_auto_rate_keeps_the_probe_with_the_lowest_held_out_error():
+    weight = torch.nn.Parameter(torch.full((3,), 5.0))
+    result = guarded_training([weight], lambda i: ((weight - 1.0) ** 2).sum(),
+                              lambda: float(((weight - 1.0) ** 2).sum()), 4,
+                              GuardSettings(steps=50, lr="auto", batch_size=1, eval_every=5, patience=3), 0, "test")
+    assert set(result.lr_errors) == {f"{rate:g}" for rate in LR_GRID}
+    assert result.lr == max(LR_GRID)  # the fastest rate gets closest in the probe
+    assert result.error_after < result.error_before and not result.reverted
+
+
+@pytest.mark.parametrize("lr", ["auto", 1.0])
+def test_a_stage_never_ends_above_its_held_out_error_before(lr):
+    model = make_flux(double=2, single=3)
+    blockprune.compress(model, ratio=0.4, calibration=flux_batches(8), order="start2end", sandwich_steps=20,
+                        sandwich_lr=lr, sandwich_eval_every=5, **FAST)
+    stages = plan_of(model).stages
+    assert len(stages) == 2
+    for stage in stages:
+        assert stage.relative_error_after <= stage.relative_error_before
+        assert stage.steps_run <= 20 and stage.lr is not None
+    if lr == 1.0:  # far too high for this model: every stage is put back to its start
+        assert all(stage.reverted for stage in stages)
+
+
+def test_healing_never_raises_the_held_out_output_error_and_is_reported():
+    model = make_flux(double=2, single=3)
+    blockprune.compress(model, ratio=0.4, calibration=flux_batches(8), order="start2end", sandwich_steps=5,
+                        heal_steps=20, sandwich_eval_every=5, **FAST)
+    heal = plan_of(model).heal
+    assert heal["steps"] == 20 and heal["relative_error_after"] <= heal["relative_error_before"]
+    assert len(heal["lora_blocks"]) == 3 and len(heal["surrogates"]) == 2
+    assert not any("lora" in name for name in model.state_dict())  # merged
+
+
+def test_healing_resumes_from_the_workdir_bit_identical(tmp_path):
+    first = make_flux(double=2, single=3)
+    options = {"ratio": 0.4, "calibration": flux_batches(8), "order": "start2end", "sandwich_steps": 5,
+               "heal_steps": 10, "sandwich_eval_every": 5, "workdir": tmp_path / "work", **FAST}
+    blockprune.compress(first, **options)
+    again = make_flux(double=2, single=3)
+    blockprune.compress(again, **options)  # every stage and the healing restored from the workdir
+    assert plan_of(again).heal == plan_of(first).heal
+    for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_bad_guard_options_are_refused():
+    with pytest.raises(blockprune.BlockpruneError, match="heal_steps must be an integer ≥ 0"):
+        blockprune.compress(make_flux(), calibration=flux_batches(4), heal_steps=-1, **FAST)
+    with pytest.raises(blockprune.BlockpruneError, match="sandwich_lr must be a positive number"):
+        blockprune.compress(make_flux(), calibration=flux_batches(4), sandwich_lr="fast", **FAST)
+    with pytest.raises(blockprune.BlockpruneError, match=r"sandwich_split must be in \(0, 1\]"):
+        blockprune.compress(make_flux(), calibration=flux_batches(4), sandwich_split=1.5, **FAST)
