@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from safetensors.torch import save_file
 
 from .brll.fusion import fuse as fuse_runs
 from .brll.surrogate import LinearSurrogate
@@ -37,6 +36,7 @@ from .pipelines import (
 )
 from .plan import PLAN_ATTRIBUTE, Plan, plan, transformer_of
 from .runtime import distributed
+from .runtime.atomic import save_safetensors
 from .runtime.staging import staged_folder
 from .sandwich.reuse import LOG_ATTRIBUTE, STAGES_FILE, load_stage_log, save_stage_log
 
@@ -123,12 +123,12 @@ def _write_weights(transformer: torch.nn.Module, directory: Path, max_shard_byte
         seen[tensor.data_ptr()] = key
     shards = _shards(state, max_shard_bytes)
     if len(shards) == 1:
-        save_file(shards[0], directory / WEIGHTS, metadata={"format": "pt"})
+        save_safetensors(shards[0], directory / WEIGHTS, metadata={"format": "pt"})
     else:
         weight_map = {}
         for number, shard in enumerate(shards, 1):
             filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, directory / filename, metadata={"format": "pt"})
+            save_safetensors(shard, directory / filename, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, filename))
         (directory / INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=2))
 

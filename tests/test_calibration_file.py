@@ -172,3 +172,19 @@ def test_dtype_casts_the_calibration_read_from_a_file(tmp_path):
     loaded = load_model(args, count=1)
     assert loaded.batches[0]["hidden_states"].dtype == torch.bfloat16
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_saved_compressed_model_has_one_permission_for_every_file(tmp_path):
+    from conftest import flux_batches, make_flux
+
+    model = make_flux(double=2, single=2)
+    blockprune.compress(model, ratio=0.5, calibration=flux_batches(6), importance="fit_residual", sandwich_steps=2,
+                        progress=False, cache_dir=False)
+    previous = os.umask(0o027)
+    try:
+        blockprune.save_pretrained(model, tmp_path / "saved")
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "saved").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files) and any(p.name == "stages.safetensors" for p in files)
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o640"}

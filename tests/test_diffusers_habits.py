@@ -153,7 +153,7 @@ def test_a_failed_save_leaves_no_partial_folder_and_the_earlier_save_intact(tmp_
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("blockprune.serialization.save_file", disk_full)
+    monkeypatch.setattr("blockprune.serialization.save_safetensors", disk_full)
     for folder in ("new", "kept"):
         with pytest.raises(OSError, match="No space left"):
             blockprune.save_pretrained(model, tmp_path / folder)

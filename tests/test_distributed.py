@@ -20,7 +20,7 @@ def runs(tmp_path_factory):
               str(HERE / "distributed_job.py"), str(folder / "multi")]
     multi = subprocess.run(launch, capture_output=True, text=True, cwd=HERE)
     assert multi.returncode == 0, multi.stderr[-3000:]
-    load = lambda name: torch.load(folder / f"{name}.pt", weights_only=False)  # noqa: E731
+    load = lambda name: torch.load(folder / f"{name}.pt", weights_only=True)  # noqa: E731
     return load("single-0"), load("multi-0"), load("multi-1")
 
 
@@ -46,3 +46,11 @@ def test_scores_choice_and_trained_model_equal_the_single_process_run(runs):
     assert multi["losses"] == pytest.approx(single["losses"], rel=1e-4)
     for key, value in single["state"].items():
         torch.testing.assert_close(multi["state"][key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_healing_split_over_two_processes_equals_the_single_process_run(runs):
+    single, multi, _ = runs
+    assert single["heal"]["steps"] == 6 and len(single["heal"]["lora_blocks"]) == 2
+    assert multi["heal"]["best_step"] == single["heal"]["best_step"]
+    for key in ("relative_error_before", "relative_error_after"):
+        assert multi["heal"][key] == pytest.approx(single["heal"][key], rel=1e-4)

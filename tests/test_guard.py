@@ -89,3 +89,16 @@ def test_bad_guard_options_are_refused():
         blockprune.compress(make_flux(), calibration=flux_batches(4), sandwich_lr="fast", **FAST)
     with pytest.raises(blockprune.BlockpruneError, match=r"sandwich_split must be in \(0, 1\]"):
         blockprune.compress(make_flux(), calibration=flux_batches(4), sandwich_split=1.5, **FAST)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_train_on_the_cpu_and_keep_their_dtype(dtype):
+    model = make_flux(double=2, single=2).to(dtype)
+    batches = [{k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in b.items()}
+               for b in flux_batches(6)]
+    blockprune.compress(model, ratio=0.5, calibration=batches, order="start2end", sandwich_steps=10,
+                        sandwich_eval_every=5, heal_steps=5, **FAST)
+    plan = plan_of(model)
+    assert len(plan.stages) == 2 and all(s.relative_error_after <= s.relative_error_before for s in plan.stages)
+    assert plan.heal["relative_error_after"] <= plan.heal["relative_error_before"]
+    assert {t.dtype for t in model.state_dict().values()} == {dtype}

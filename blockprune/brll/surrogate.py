@@ -106,7 +106,8 @@ class LinearSurrogate(nn.Module):
             x = self.stream_input(stream, args, kwargs)
             if stream not in self.linears:
                 return x
-            return x + self.linears[stream](x)
+            linear = self.linears[stream]  # float32 while trained beside a bf16 / fp16 model (no autocast on CPU)
+            return x + linear(x.to(linear.weight.dtype)).to(x.dtype)
 
         if isinstance(self.spec.outputs, str):
             return stream_out(self.spec.outputs)

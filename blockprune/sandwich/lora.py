@@ -14,9 +14,14 @@ ADAPTER_NAME = "blockprune_sandwich"
 
 def add_lora(block: nn.Module, targets: Iterable[str], rank: int, alpha: float) -> nn.Module:
     """Wrap ``block``'s ``targets`` submodules in place in LoRA layers of rank ``rank`` (scaling ``alpha / rank``,
-    no dropout); only the new LoRA factors require gradients afterwards. Returns ``block``."""
+    no dropout); only the new LoRA factors require gradients afterwards, in float32 whatever the block's dtype
+    (AdamW's state underflows in fp16). Returns ``block``."""
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
-    return inject_adapter_in_model(config, block, adapter_name=ADAPTER_NAME)
+    inject_adapter_in_model(config, block, adapter_name=ADAPTER_NAME)
+    for parameter in block.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return block
 
 
 def lora_factors(block: nn.Module) -> dict[str, dict[str, torch.Tensor]]:

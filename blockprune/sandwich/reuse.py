@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..brll.surrogate import LinearSurrogate
@@ -17,6 +17,7 @@ from ..discovery.spec import Block
 from ..errors import BlockpruneError
 from ..manifest import MANIFEST, load_weights, read_manifest
 from ..plan import StageLog
+from ..runtime.atomic import save_safetensors
 
 logger = logging.getLogger("blockprune")
 
@@ -50,7 +51,7 @@ def save_stage_log(log: StageLog, directory: Path) -> None:
     tensors = {}
     for stage, (surrogates, lora) in enumerate(zip(log.surrogates, log.lora)):
         tensors.update(components_to_tensors(surrogates, lora, prefix=f"{stage}/"))
-    save_file(tensors, directory / STAGES_FILE, metadata={"blocks": json.dumps(log.blocks)})
+    save_safetensors(tensors, directory / STAGES_FILE, metadata={"blocks": json.dumps(log.blocks)})
 
 
 def load_stage_log(directory: Path) -> StageLog:
