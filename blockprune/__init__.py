@@ -44,6 +44,7 @@ _EXPORTS = {
     "NonFiniteActivationError": ".errors",
     "NotResidualError": ".errors",
     "SandwichDivergedError": ".errors",
+    "UnusedOptionWarning": ".errors",
     "hookimpl": ".hookspecs",
     "Plan": ".plan",
     "ReplacedBlock": ".plan",
@@ -84,6 +85,7 @@ __all__ = [  # the same names as _EXPORTS, spelled out for tools that read __all
     "StreamReport",
     "SurrogateKind",
     "Trace",
+    "UnusedOptionWarning",
     "__version__",
     "compress",
     "from_pretrained",
@@ -119,6 +121,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
         NonFiniteActivationError,
         NotResidualError,
         SandwichDivergedError,
+        UnusedOptionWarning,
     )
     from .hookspecs import hookimpl
     from .plan import Plan, ReplacedBlock, StageReport, StreamReport, plan

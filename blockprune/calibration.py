@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 from collections.abc import Iterable, Mapping
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import SET_BY_BLOCKPRUNE, check_call_options
 from .discovery.signature import bind_inputs
 from .errors import BlockpruneError
 from .runtime.finite import check_finite_batches
@@ -89,6 +91,23 @@ def _check_pipeline_options(adapter: Any, options: Mapping[str, Any]) -> None:
         )
 
 
+def _check_pipeline_arguments(pipe: Any, options: Mapping[str, Any]) -> None:
+    """Each of ``options`` must be an argument of the pipeline's call (unless it takes ``**kwargs``)."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = [key for key in options if key not in parameters]
+    if unknown:
+        accepted = [name for name, p in parameters.items() if name not in SET_BY_BLOCKPRUNE
+                    and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise BlockpruneError(
+            f"{type(pipe).__name__} takes no argument {', '.join(map(repr, unknown))}{hint}; the calibration call "
+            f"options must be among its arguments: {', '.join(accepted)}"
+        )
+
+
 def record_pipeline_calibration(
     pipe: Any,
     adapter: Any,
@@ -102,11 +121,12 @@ def record_pipeline_calibration(
 ) -> list[dict[str, Any]]:
     """Run ``pipe`` on ``prompts`` and keep the transformer's inputs at evenly spaced denoising steps (on CPU).
 
-    ``pipeline_options`` (``height``, ``width``) go to the adapter's ``call_pipeline``; ``bars`` (a rich
-    ``Progress``) gets a bar advanced once per prompt.
+    ``pipeline_options`` (``height``, ``width``, ``guidance_scale`` ..., arguments of the pipeline's call) go to
+    the adapter's ``call_pipeline``; ``bars`` (a rich ``Progress``) gets a bar advanced once per prompt.
     """
     options = dict(pipeline_options or {})
     _check_pipeline_options(adapter, options)
+    _check_pipeline_arguments(pipe, options)
     keep = _sampled_steps(num_inference_steps, steps_per_prompt)
     recorded: list[dict[str, Any]] = []
     step = 0
@@ -153,10 +173,12 @@ def record_calibration(
     width: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    call_options: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Calibration batches recorded from a pipeline: it runs on each prompt (default: the bundled ones) for
     ``num_inference_steps`` steps at ``height`` × ``width`` (default: the pipeline's), and the transformer's
     forward keyword arguments at ``steps_per_prompt`` evenly spaced steps are kept, on the CPU.
+    ``call_options`` are more keyword arguments of the pipeline call (``guidance_scale``, ``max_sequence_length`` ...).
 
     What a batch holds depends on the model (``Adapter.describe_batch()``, docs/api.md); save the batches with
     :func:`blockprune.save_calibration` and pass them as ``compress(transformer, calibration=...)``.
@@ -176,7 +198,8 @@ def record_calibration(
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise BlockpruneError("prompts must be a non-empty list of strings (or None for the bundled prompts)")
     chosen = plugins.get_adapter(transformer, adapter)
-    options = {key: value for key, value in (("height", height), ("width", width)) if value is not None}
+    options = check_call_options({} if call_options is None else call_options, "call_options")
+    options.update({key: value for key, value in (("height", height), ("width", width)) if value is not None})
     with progress_bars(progress) as bars:
         return record_pipeline_calibration(pipe, chosen, prompts, num_inference_steps, steps_per_prompt, seed,
                                            pipeline_options=options, bars=bars)

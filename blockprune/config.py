@@ -150,6 +150,8 @@ class CompressConfig:
     calibration_prompts: tuple[str, ...] | None = field(default=None, metadata=OUTSIDE_KEY)  # default: bundled
     calibration_steps: int = field(default=8, metadata=OUTSIDE_KEY)  # denoising steps per prompt
     steps_per_prompt: int = field(default=2, metadata=OUTSIDE_KEY)  # transformer calls kept per prompt
+    # more keyword arguments of the pipeline call: height, width, guidance_scale, max_sequence_length ...
+    calibration_call_options: Mapping[str, Any] | None = field(default=None, metadata=OUTSIDE_KEY)
     # keep blocks on the CPU, moving each to the device only while it runs or trains
     offload: bool = field(default=False, metadata=OUTSIDE_KEY)
     # folder for resumable runs: scores and finished stages are written there atomically
@@ -173,11 +175,16 @@ class CompressConfig:
         for name in ("offload", "keep_activations"):
             _boolean(name, getattr(self, name))
         _folder("workdir", self.workdir)
+        if self.offload and self.sandwich.heal_steps > 0:
+            raise BlockpruneError("heal_steps trains every block at once, which offload=True cannot hold on the "
+                                  "accelerator yet; pass heal_steps=0 with offload, or drop offload")
         if self.calibration_prompts is not None:
             prompts = self.calibration_prompts
             if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
                 raise BlockpruneError(f"calibration_prompts must be a non-empty list of prompts, got {prompts!r}")
             object.__setattr__(self, "calibration_prompts", tuple(prompts))
+        if self.calibration_call_options is not None:
+            object.__setattr__(self, "calibration_call_options", check_call_options(self.calibration_call_options))
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], base: CompressConfig | None = None) -> CompressConfig:
@@ -225,6 +232,28 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return type(value).__name__
+
+
+# what the adapter's call_pipeline passes the pipeline itself, with the option that sets it (if any)
+SET_BY_BLOCKPRUNE = {"prompt": "calibration_prompts", "num_inference_steps": "calibration_steps",
+                     "generator": None, "output_type": None}
+
+
+def check_call_options(options: Any, name: str = "calibration_call_options") -> dict[str, Any]:
+    """A copy of ``options`` (keyword arguments for a pipeline call) as a dict, checked: string keys, and none of
+    the arguments that recording sets itself (``prompt``, ``num_inference_steps``, ``generator``, ``output_type``)."""
+    if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
+        raise BlockpruneError(f"{name} must be a dict of the pipeline call's keyword arguments, e.g. "
+                              f"{{'height': 512, 'width': 512}}, got {options!r}")
+    for key in options:
+        if key in SET_BY_BLOCKPRUNE:
+            instead = SET_BY_BLOCKPRUNE[key]
+            fix = f"use the {instead}= option instead" if instead else "leave it out"
+            raise BlockpruneError(f"{name} sets {key!r}, which blockprune sets itself when recording; {fix}")
+    for key in ("height", "width"):
+        if options.get(key) is not None:
+            _positive_int(f"{name}[{key!r}]", options[key])
+    return dict(options)
 
 
 def _sandwich_option(name: str) -> str:

@@ -12,6 +12,8 @@ class NotResidualError(BlockpruneError):
 class NonFiniteActivationError(BlockpruneError):
     """NaN or Inf appeared in a block's recorded activations."""
 
+    where: tuple[str, str, int] | None = None  # (stream, block, batch index) when found while recording a block
+
 
 class SandwichDivergedError(BlockpruneError):
     """A sandwich stage's loss became NaN or Inf; the stage was rolled back."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .brll.recording import numbered_as
 from .brll.replacement import replace_block
 from .brll.surrogate import LinearSurrogate
 from .config import SandwichConfig
@@ -26,7 +27,7 @@ from .progress import mark_cached
 from .runtime.forward import model_device
 from .runtime.workdir import Workdir
 from .sandwich import train_stage
-from .sandwich.heal import heal, reference_outputs
+from .sandwich.heal import heal, reference_check, reference_outputs
 from .sandwich.reuse import components_to_tensors, tensors_to_components
 from .scoring.auto import AUTO, auto_select
 from .scoring.selection import ImportanceTable, score_run
@@ -60,19 +61,24 @@ class InterruptGuard:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def split_batches(batches: list[dict], share: float, held_out: float, seed: int) -> tuple[list, list, list]:
-    """(least-squares, training, held-out) batches from a seeded shuffle: ``held_out`` of them are held out, the
-    least squares fit on all the others, and ``share`` of the others train."""
-    if len(batches) < 3:
+def split_indices(count: int, share: float, held_out: float, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """(least-squares, training, held-out) indices of ``count`` batches from a seeded shuffle, each sorted:
+    ``held_out`` of them are held out, the least squares fit on all the others, and ``share`` of the others train."""
+    if count < 3:
         raise BlockpruneError(
             f"sandwich training needs at least 3 calibration batches (two to fit and train on, one held out), got "
-            f"{len(batches)}; pass more batches or sandwich=False"
+            f"{count}; pass more batches or sandwich=False"
         )
-    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = min(max(1, round(held_out * len(batches))), len(batches) - 2)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = min(max(1, round(held_out * count)), count - 2)
     rest, held_indices = order[held:], order[:held]
     train = rest[: max(1, round(share * len(rest)))]
-    return ([batches[i] for i in sorted(indices)] for indices in (rest, train, held_indices))
+    return sorted(rest), sorted(train), sorted(held_indices)
+
+
+def split_batches(batches: list[dict], share: float, held_out: float, seed: int) -> tuple[list, list, list]:
+    """(least-squares, training, held-out) batches: :func:`split_indices` applied to ``batches``."""
+    return tuple([batches[i] for i in part] for part in split_indices(len(batches), share, held_out, seed))
 
 
 @dataclass
@@ -96,12 +102,14 @@ class Progressive:
 
     def __post_init__(self) -> None:
         self.by_name: dict[str, Block] = {b.name: b for b in self.run.blocks}
+        batches = self.run.batches
         if self.sandwich is None:
-            self.least_squares, self.train, self.held = self.run.batches, [], []
+            self.least_squares_indices = list(range(len(batches)))  # for errors: indices in the caller's list
+            self.least_squares, self.train, self.held = batches, [], []
         else:
-            self.least_squares, self.train, self.held = split_batches(
-                self.run.batches, self.sandwich.split, self.sandwich.held_out, self.seed
-            )
+            parts = split_indices(len(batches), self.sandwich.split, self.sandwich.held_out, self.seed)
+            self.least_squares_indices = parts[0]
+            self.least_squares, self.train, self.held = ([batches[i] for i in part] for part in parts)
 
     def execute(self, bars: Any, guard: InterruptGuard) -> None:
         """Run (or, from the workdir, restore) every stage, then healing; stop at a safe point when ``guard`` asks."""
@@ -110,7 +118,7 @@ class Progressive:
         if healing:  # the model is still intact here, resumed or not
             with self._timed("heal"):
                 targets = (reference_outputs(self.run.transformer, self.train),
-                           reference_outputs(self.run.transformer, self.held))
+                           reference_check(self.run.transformer, self.run.adapter, self.held))
         for step in range(self.count):
             saved = None
             if self.workdir is not None:
@@ -129,7 +137,7 @@ class Progressive:
         if healing:
             self._heal(*targets)
 
-    def _heal(self, train_targets: list[torch.Tensor], held_targets: list[torch.Tensor]) -> None:
+    def _heal(self, train_targets: list[torch.Tensor], held_reference: list[torch.Tensor]) -> None:
         """Global healing after the last stage, saved to (or restored from) the workdir as stage ``count``."""
         model = self.run.transformer
         saved = self.workdir.load_stage(self.count) if self.workdir is not None else None
@@ -147,7 +155,7 @@ class Progressive:
         surrogates = [b.name for b in self.run.blocks if b.name in self.replaced]
         with self._timed("heal"):
             report = heal(model, self.run.adapter, kept, surrogates, self.train, train_targets, self.held,
-                          held_targets, self.sandwich, self.seed + self.count)
+                          held_reference, self.sandwich, self.seed + self.count)
         self.plan.heal = asdict(report)
         logger.info("healing: held-out output error %.4g → %.4g%s", report.relative_error_before,
                     report.relative_error_after, " (reverted: no step beat the start)" if report.reverted else "")
@@ -218,7 +226,7 @@ class Progressive:
         self._stages_bar(bars)
         self._keep_original([name])
         home = model_device(model.get_submodule(name))
-        with self._timed("least_squares"):
+        with self._timed("least_squares"), numbered_as(self.least_squares_indices):
             entry = replace_block(model, self.by_name[name], self.least_squares, config.ridge, config.record_device,
                                   config.surrogate)
         entry.score = self.table.scores.get(name) if self.table is not None else None

@@ -62,24 +62,38 @@ def stages_table(plan: Plan) -> Table:
     """Sandwich stages: span, loss and relative span error on held-out batches before and after training."""
     table = Table(title="sandwich training (held-out batches)", box=box.SIMPLE)
     # two-line headers and unwrapped names: the table fits 120 columns with FLUX's longest block names
-    for column in ("#", "block", "span", "loss\nbefore", "loss\nafter", "rel. error\nbefore", "rel. error\nafter",
+    for column in ("#", "block", "span", "rel. error\nbefore", "rel. error\nafter", "kept\nstep", "rate",
                    "peak\nGPU"):
         table.add_column(column, justify="left" if column in ("block", "span") else "right", no_wrap=True)
     for index, stage in enumerate(plan.stages, 1):
         peak = "-" if stage.peak_memory_bytes is None else f"{stage.peak_memory_bytes / 2**30:.2f} GiB"
         table.add_row(
             str(index), stage.block, f"{len(stage.span)} blocks, LoRA on {len(stage.lora_blocks)}",
-            f"{stage.loss_before:.4g}", f"{stage.loss_after:.4g}", f"{stage.relative_error_before:.4f}",
-            f"{stage.relative_error_after:.4f}", peak,
+            f"{stage.relative_error_before:.4f}", f"{stage.relative_error_after:.4f}", _kept(stage.best_step, stage.steps_run),
+            "-" if stage.lr is None else f"{stage.lr:g}", peak,
         )
+    if plan.heal:
+        heal = plan.heal
+        table.caption = (f"healing: held-out output error {heal['relative_error_before']:.4g} → "
+                         f"{heal['relative_error_after']:.4g}, kept step "
+                         f"{_kept(heal['best_step'], heal['steps_run'])}, rate {heal['lr']:g}")
     return table
+
+
+def _kept(best_step: int | None, steps_run: int | None) -> str:
+    """The guard's kept step of the steps run; "reverted" when training never beat the starting weights."""
+    if best_step is None:
+        return "-"
+    return "reverted" if best_step == 0 else f"{best_step}/{steps_run}"
 
 
 def selection_table(plan: Plan) -> Table:
     """importance="auto": each candidate plan's relative output error on the held-out batches, best first."""
     selection = plan.selection
-    title = (f"block selection (importance='auto'): output error with the plan's blocks fitted on "
-             f"{selection['fit_batches']} batches, checked on {selection['held_batches']} held out")
+    checked = {"images": "sampled images", "trajectory": "a latent trajectory from",
+               "outputs": "the one-step outputs of"}.get(selection.get("checked_on"), "the outputs of")
+    title = (f"block selection (importance='auto'): the plan's blocks fitted on {selection['fit_batches']} batches, "
+             f"checked on {checked}" + ("" if checked == "sampled images" else f" {selection['held_batches']} held out"))
     table = Table(title=title, box=box.SIMPLE)
     for column in ("candidate", "held-out rel. error", ""):
         table.add_column(column, justify="left" if column != "held-out rel. error" else "right")

@@ -36,6 +36,7 @@ class Run:
     blocks: list[Block]
     config: CompressConfig
     offload: Offload | None = None
+    recorded: bool = False  # the calibration was recorded from the pipeline (on config.calibration_prompts)
 
     @property
     def scoring_batches(self) -> list[dict[str, Any]]:
@@ -82,12 +83,14 @@ def prepare_run(
                 list(config.calibration_prompts or bundled_prompts()),
                 num_inference_steps=config.calibration_steps,
                 steps_per_prompt=config.steps_per_prompt,
+                pipeline_options=config.calibration_call_options,
                 bars=bars,
             )
     else:
         batches = prepare_calibration(calibration)
     blocks = resolve_blocks(transformer, chosen, batches[0])
-    return Run(transformer, pipeline, chosen, batches, blocks, config, offload)
+    recorded = calibration is None and pipeline is not None
+    return Run(transformer, pipeline, chosen, batches, blocks, config, offload, recorded)
 
 
 def _check_not_meta(model: nn.Module) -> None:

@@ -16,7 +16,7 @@ from .config import CompressConfig, ScoringConfig, defaults, sandwich_option_nam
 from .errors import UnusedOptionWarning
 
 AUTO_ONLY = ("auto_held_out", "auto_refine", "auto_check", "auto_check_batches")
-RECORDING = ("calibration_prompts", "calibration_steps", "steps_per_prompt")
+RECORDING = ("calibration_prompts", "calibration_steps", "steps_per_prompt", "calibration_call_options")
 REUSED = ("ridge", "record_device", "surrogate", "workdir", "keep_activations")
 
 

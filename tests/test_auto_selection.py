@@ -166,3 +166,38 @@ def test_the_trajectory_check_needs_a_flow_model_and_the_latents():
         flow_trajectory(make_flux(double=1, single=1), batch, 0, time_scale=1.0, steps=2)
     with pytest.raises(BlockpruneError, match="auto_check_batches must be a positive integer"):
         blockprune.compress(make_flux(), calibration=flux_batches(4), auto_check_batches=0, **FAST)
+
+
+def test_greedy_swaps_must_win_on_both_halves_of_the_check():
+    from blockprune.scoring.auto import _halves
+
+    one, two, three = torch.ones(4, 2), torch.zeros(4, 2), torch.full((4, 2), 2.0)
+    assert [len(h) for h in _halves([one, two, three])] == [2, 1]  # alternate batches
+    first, second = _halves([torch.arange(6.0).reshape(6, 1)])  # one batch of images: its two halves
+    assert first[0].flatten().tolist() == [0, 1, 2] and second[0].flatten().tolist() == [3, 4, 5]
+
+    from blockprune.scoring.auto import Candidate, PlanEvaluator, _refine
+
+    class Known(PlanEvaluator):  # known errors per plan: (sum, first half, second half)
+        def __init__(self, known):
+            self.known, self.errors, self.halves = known, {}, {}
+
+        def error(self, names):
+            key = tuple(sorted(names))
+            self.errors[key], *halves = self.known[key]
+            self.halves[key] = tuple(halves)
+            return self.errors[key]
+
+    ranking = Candidate("x", ["a", "b", "c", "d"])
+    noisy = Known({("a",): (0.5, 0.5, 0.5), ("b",): (0.4, 0.1, 0.7), ("c",): (0.6, 0.6, 0.6)})
+    assert _refine(ranking, 1, noisy, rounds=1) == (["a", "b", "c", "d"], 0.5)  # b wins in sum, on one half only
+    steady = Known({("a",): (0.5, 0.5, 0.5), ("b",): (0.4, 0.4, 0.4), ("c",): (0.6, 0.6, 0.6)})
+    assert _refine(ranking, 1, steady, rounds=1) == (["b", "a", "c", "d"], 0.4)
+
+
+def test_with_a_pipeline_but_batches_of_unknown_prompts_auto_checks_a_latent_trajectory():
+    pipe = tiny_toy_pipeline("flux")
+    calibration = calibration_batches(pipe, 6, seed=3, batch_size=2)  # made without the pipeline's prompts
+    blockprune.compress(pipe, adapter="flux", ratio=0.5, calibration=calibration, sandwich=False, auto_refine=0,
+                        **FAST)
+    assert blockprune.plan(pipe).selection["checked_on"] == "trajectory"

@@ -110,8 +110,9 @@ def test_every_compress_option_can_be_given_on_the_command_line():
 
     compress_parser = build_parser()._subparsers._group_actions[0].choices["compress"]
     destinations = {action.dest for action in compress_parser._actions}
-    # metric_options: --clip-model-path, --generation-steps, --generation-seeds; calibration_prompts: --prompts
-    assert set(option_names()) - destinations == {"metric_options", "calibration_prompts"}
+    # metric_options: --clip-model-path, --generation-steps, --generation-seeds; calibration_prompts: --prompts;
+    # calibration_call_options: --height, --width
+    assert set(option_names()) - destinations == {"metric_options", "calibration_prompts", "calibration_call_options"}
 
 
 def test_compress_a_pipeline_folder_records_calibration_from_the_prompts_file(tmp_path, capsys):

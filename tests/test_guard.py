@@ -1,11 +1,15 @@
 """The held-out guard of sandwich stages and of global healing: never worse than the start, early stop, rates."""
 
+import io
+
 import pytest
 import torch
 from conftest import flux_batches, make_flux
+from rich.console import Console
 
 import blockprune
 from blockprune.plan import plan as plan_of
+from blockprune.report import stages_table
 from blockprune.sandwich.guard import (
     LR_GRID,
     GuardSettings,
@@ -56,8 +60,11 @@ def test_a_stage_never_ends_above_its_held_out_error_before(lr):
     for stage in stages:
         assert stage.relative_error_after <= stage.relative_error_before
         assert stage.steps_run <= 20 and stage.lr is not None
-    if lr == 1.0:  # far too high for this model: every stage is put back to its start
+    if lr == 1.0:  # far too high for this model: every stage is put back to its start, and the table says so
         assert all(stage.reverted for stage in stages)
+        console = Console(file=io.StringIO(), width=120)
+        console.print(stages_table(plan_of(model)))
+        assert console.file.getvalue().count("reverted") == 2
 
 
 def test_healing_never_raises_the_held_out_output_error_and_is_reported():
@@ -66,6 +73,7 @@ def test_healing_never_raises_the_held_out_output_error_and_is_reported():
                         heal_steps=20, sandwich_eval_every=5, **FAST)
     heal = plan_of(model).heal
     assert heal["steps"] == 20 and heal["relative_error_after"] <= heal["relative_error_before"]
+    assert heal["checked_on"] == "trajectory"  # FLUX is a rectified-flow model: guarded on a latent trajectory
     assert len(heal["lora_blocks"]) == 3 and len(heal["surrogates"]) == 2
     assert not any("lora" in name for name in model.state_dict())  # merged
 
@@ -102,3 +110,18 @@ def test_half_precision_models_train_on_the_cpu_and_keep_their_dtype(dtype):
     assert len(plan.stages) == 2 and all(s.relative_error_after <= s.relative_error_before for s in plan.stages)
     assert plan.heal["relative_error_after"] <= plan.heal["relative_error_before"]
     assert {t.dtype for t in model.state_dict().values()} == {dtype}
+
+
+def test_healing_with_offload_is_refused_and_the_cli_takes_auto_or_a_rate():
+    import argparse
+
+    from blockprune.cli.compress import add_sandwich_arguments
+
+    with pytest.raises(blockprune.BlockpruneError, match="heal_steps trains every block at once"):
+        blockprune.compress(make_flux(), calibration=flux_batches(4), heal_steps=5, offload=True, device="cpu", **FAST)
+    parser = argparse.ArgumentParser()
+    add_sandwich_arguments(parser)
+    assert parser.parse_args(["--sandwich-lr", "auto"]).sandwich_lr == "auto"
+    assert parser.parse_args(["--sandwich-lr", "3e-4"]).sandwich_lr == 3e-4
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sandwich-lr", "fast"])

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import dit_batches, flux_batches, make_flux
+from conftest import (
+    TinyResidualNet,
+    dit_batches,
+    flux_batches,
+    make_flux,
+    residual_net_batches,
+)
 from diffusers import DiTTransformer2DModel, FluxTransformer2DModel
 
 import blockprune
@@ -29,7 +35,7 @@ from blockprune.errors import (
     UnusedOptionWarning,
 )
 from blockprune.plan import plan as plan_of
-from blockprune.progressive import split_batches
+from blockprune.progressive import split_batches, split_indices
 from blockprune.runtime.finite import check_finite_batches
 from blockprune.runtime.workdir import Workdir
 
@@ -230,6 +236,19 @@ def test_nan_in_any_calibration_batch_is_named_by_its_index_in_the_callers_list(
         blockprune.compress(make_flux(), ratio=0.25, calibration=batches, sandwich_steps=2, **FAST)
 
 
+@pytest.mark.parametrize("sandwich", [True, False])
+def test_nan_made_inside_the_model_is_named_by_the_batchs_index_in_the_callers_list(sandwich):
+    batches = residual_net_batches(8)
+    shares = split_indices(len(batches), 1.0, 0.2, seed=0)[0] if sandwich else list(range(len(batches)))
+    # a batch of the least-squares share whose place in that share differs from its index (with sandwich training)
+    index = next(i for place, i in enumerate(shares) if i != 0 and (place != i or not sandwich))
+    batches[index]["scale"] = torch.full((1,), 3e38)  # finite, but norm(x) × scale overflows inside layers.0
+    with pytest.raises(NonFiniteActivationError, match=rf"^NaN or Inf in stream 'x' of block layers\.0 \(calibration "
+                       rf"batch {index}\); check the calibration inputs"):
+        blockprune.compress(TinyResidualNet(), adapter="generic", ratio=0.25, calibration=batches, order="start2end",
+                            sandwich=sandwich, sandwich_steps=2, **QUIET)
+
+
 def test_inf_is_found_inside_nested_values_but_allowed_in_masks():
     check_finite_batches([{"x": torch.zeros(2)}, {"encoder_attention_mask": torch.tensor([0.0, -math.inf])}])
     with pytest.raises(NonFiniteActivationError, match=r"calibration batch 1 holds Inf in 'rotary'\[1\]"):
@@ -247,10 +266,19 @@ def test_inf_is_found_inside_nested_values_but_allowed_in_masks():
     ({"sandwich": False, "order": "start2end", "ablation": "replace"}, "ablation .*: with a fixed order= no block"),
     ({"sandwich": False, "auto_refine": 2}, "auto_refine .*: it is used only with importance='auto'"),
     ({"sandwich": False, "calibration_steps": 4}, "calibration_steps .*: calibration is recorded from a pipeline"),
+    ({"sandwich": False, "calibration_call_options": {"height": 8}},
+     "calibration_call_options .*: calibration is recorded from a pipeline"),
 ])
 def test_an_option_that_does_nothing_in_the_call_is_warned_about(options, reason):
     with pytest.warns(UnusedOptionWarning, match=rf"option {reason}.*; leave it out"):
         blockprune.compress(make_flux(), ratio=0.25, calibration=flux_batches(3), **{**options, **FAST})
+
+
+def test_the_warnings_are_public_names():
+    for name in ("UnusedOptionWarning", "IllConditionedWarning"):
+        assert name in blockprune.__all__ and getattr(blockprune, name) is getattr(blockprune.errors, name)
+    with pytest.warns(blockprune.UnusedOptionWarning, match="option lora_rank does nothing"):
+        blockprune.compress(make_flux(), ratio=0.25, calibration=flux_batches(3), sandwich=False, lora_rank=4, **FAST)
 
 
 def test_options_that_are_used_or_left_at_their_default_are_not_warned_about():

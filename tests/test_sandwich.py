@@ -98,9 +98,9 @@ def test_global_target_differs_from_local():
         blockprune.compress(model, ratio=0.5, calibration=flux_batches(8), sandwich_width=1,
                             order=["transformer_blocks.0", "single_transformer_blocks.1"], sandwich_target=target,
                             **TRAIN)
-        results[target] = model.single_transformer_blocks[1].linears["hidden_states"].weight.clone()
+        results[target] = blockprune.plan(model).stages[1].relative_error_before
         assert blockprune.plan(model).sandwich["target"] == target
-    assert not torch.equal(results["local"], results["global"])
+    assert results["local"] != results["global"]  # the same span measured against other targets
 
 
 def test_saved_model_has_no_lora_and_round_trip_is_exact(tmp_path):

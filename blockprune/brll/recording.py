@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -58,6 +60,30 @@ class StreamAccumulator:
         return ztz, ztr, float(self.r_squared)
 
 
+def non_finite_error(stream: str, block: str, batch: int) -> NonFiniteActivationError:
+    """The error for NaN or Inf in ``stream`` of ``block`` on calibration batch ``batch`` (kept in ``.where``)."""
+    error = NonFiniteActivationError(
+        f"NaN or Inf in stream {stream!r} of block {block} (calibration batch {batch}); check the calibration "
+        f"inputs and the model's dtype (float16 overflows easily: try bfloat16)"
+    )
+    error.where = (stream, block, batch)
+    return error
+
+
+@contextlib.contextmanager
+def numbered_as(indices: list[int]) -> Iterator[None]:
+    """Inside, batches are recorded from a subset of the caller's list: a NaN found on batch ``i`` of the
+    subset is reported as calibration batch ``indices[i]``, its index in the caller's list."""
+    try:
+        yield
+    except NonFiniteActivationError as error:
+        if error.where is not None:
+            stream, block, batch = error.where
+            renumbered = non_finite_error(stream, block, indices[batch])
+            error.args, error.where = renumbered.args, renumbered.where
+        raise
+
+
 def stream_pairs(block: Block, bound: dict[str, Any], output: Any):
     """``(stream, input, output)`` for each stream of ``block`` in one call."""
     if isinstance(block.spec.outputs, str):
@@ -90,10 +116,7 @@ def record_block(
     def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         for stream, x, y in stream_pairs(block, bind_inputs(mod, args, kwargs), output):
             if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-                raise NonFiniteActivationError(
-                    f"NaN or Inf in stream {stream!r} of block {block.name} (calibration batch {current['batch']}); "
-                    f"check the calibration inputs and the model's dtype (float16 overflows easily: try bfloat16)"
-                )
+                raise non_finite_error(stream, block.name, current["batch"])
             accumulators[stream].update(x, y)
         if stop_early:
             raise StopForward

@@ -24,11 +24,11 @@ from .sources import check_output_folder
 SANDWICH_HELP = {
     "width": "blocks trained per stage: 1 the linear layers alone, 3 with the nearest unreplaced block on each "
     "side (the paper), 5 with two on each side",
-    "steps": "optimizer steps per stage",
-    "lr": "AdamW learning rate",
+    "steps": "optimizer steps per stage at most (the held-out guard may stop earlier)",
+    "lr": "AdamW peak rate, or auto: the best of short probes at 1e-4, 3e-4 and 1e-3",
     "batch_size": "calibration batches per optimizer step",
-    "split": "share of calibration batches for training; the rest fit the least squares",
-    "held_out": "share of the training batches held out for the before/after report",
+    "split": "share of the batches not held out that train (the least squares fit on all of them)",
+    "held_out": "share of the calibration batches held out: the guard's check and the before/after report",
     "eval_every": "steps between held-out checks; the best weights seen are kept",
     "patience": "checks in a row without improvement before a stage stops early",
     "heal_steps": "global healing after the last stage, steps at most (0: off)",
@@ -59,9 +59,21 @@ def add_sandwich_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=name, choices=TARGETS, help=text)
         elif field.name == "lora_targets":
             group.add_argument(flag, dest=name, nargs="+", metavar="NAME", help=text)
+        elif field.name == "lr":
+            group.add_argument(flag, dest=name, type=_rate, metavar="X", help=text)
         else:
             group.add_argument(flag, dest=name, type=type(default), metavar="N" if isinstance(default, int) else "X",
                                help=text)
+
+
+def _rate(text: str) -> float | str:
+    """``auto`` or a number, for ``--sandwich-lr``."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:

@@ -14,7 +14,12 @@ from ..discovery.flops import count_flops, count_parameters
 from ..discovery.inspection import BlockInfo, inspect
 from ..plan import PLAN_ATTRIBUTE, plan, transformer_of
 from ..report import format_count, output_console, plan_table, selection_table
-from .options import add_calibration_arguments, add_model_arguments, load_model
+from .options import (
+    add_calibration_arguments,
+    add_model_arguments,
+    call_options,
+    load_model,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -65,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         batch = loaded.batches[0]
     else:
         steps = args.calibration_steps or defaults()["calibration_steps"]
-        batch = record_pipeline_calibration(loaded.model, adapter, (loaded.prompts or bundled_prompts())[:1], steps, 1)[0]
+        batch = record_pipeline_calibration(loaded.model, adapter, (loaded.prompts or bundled_prompts())[:1], steps, 1,
+                                            pipeline_options=call_options(args))[0]
     blocks = inspect(transformer, adapter.name, batch)
     console.print(blocks_table(blocks, count_parameters(transformer), count_flops(transformer, batch), adapter.name))
     return 0

@@ -60,6 +60,10 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"denoising steps per prompt when recording (default {defaults()['calibration_steps']})")
     group.add_argument("--steps-per-prompt", type=int, metavar="N",
                        help=f"transformer calls kept per prompt (default {defaults()['steps_per_prompt']})")
+    group.add_argument("--height", type=int, metavar="PX",
+                       help="image height when recording from a pipeline (default: the pipeline's)")
+    group.add_argument("--width", type=int, metavar="PX",
+                       help="image width when recording from a pipeline (default: the pipeline's)")
     group.add_argument("--seed", type=int, default=0, help="seed of the calibration builder and of compress (default 0)")
 
 
@@ -115,7 +119,14 @@ def option_values(args: argparse.Namespace) -> dict[str, Any]:
     }
     if metric_options:
         options["metric_options"] = metric_options
+    if call_options(args):
+        options["calibration_call_options"] = call_options(args)
     return options
+
+
+def call_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline call's arguments for recording calibration (``--height``, ``--width``) that were given."""
+    return {key: getattr(args, key) for key in ("height", "width") if getattr(args, key, None) is not None}
 
 
 @dataclass

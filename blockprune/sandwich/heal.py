@@ -1,14 +1,17 @@
 """Global healing: after the last replacement, the whole compressed model trained to the unpruned model's output.
 
 Beyond the paper (PPCL and TinyFusion heal a variant). LoRA goes on every kept block and the surrogates
-train in full, against the unpruned model's final output on the training batches at their own noise levels;
-the held-out batches guard it (:mod:`blockprune.sandwich.guard`), so healing never ends worse than it began.
-LoRA is merged afterwards, so inference costs nothing extra.
+train in full, against the unpruned model's final output on the training batches at their own noise levels.
+The held-out batches guard it (:mod:`blockprune.sandwich.guard`), so healing never ends worse than it began
+by that check: for rectified-flow models the latents of a short trajectory from noise (as
+``importance="auto"`` checks plans; one-step outputs improved while sampled images got worse), otherwise
+the one-step outputs. LoRA is merged afterwards, so inference costs nothing extra.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +22,7 @@ from ..adapter import Adapter
 from ..config import SandwichConfig
 from ..runtime import distributed
 from ..runtime.forward import forward_batch, model_device, output_tensor, to_device
+from ..scoring.trajectory import latent_check, relative_error
 from .guard import guarded_training
 from .lora import add_lora, merge_lora, remove_lora
 from .training import autocast, guard_settings
@@ -35,6 +39,7 @@ class HealReport:
     relative_error_after: float
     lr: float
     lr_errors: dict[str, float] = field(default_factory=dict)
+    checked_on: str = "outputs"  # the guard's check: "trajectory" (rectified flow) or one-step "outputs"
     lora_blocks: list[str] = field(default_factory=list)
     surrogates: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -45,26 +50,33 @@ class HealReport:
         return self.best_step == 0
 
 
+TRAJECTORY_STEPS = 8  # the guard's latent trajectory, as importance="auto" checks plans
+CHECK_BATCHES = 8  # held-out batches the guard checks on (bounds its cost)
+
+
 def reference_outputs(model: nn.Module, batches: list[dict[str, Any]]) -> list[torch.Tensor]:
     """The model's output on each batch, on the CPU: the unpruned targets of healing."""
     return [output_tensor(forward_batch(model, batch, index)).detach().cpu() for index, batch in enumerate(batches)]
 
 
-def _relative_error(model: nn.Module, batches: list[dict], targets: list[torch.Tensor], device: torch.device) -> float:
-    squared = reference = 0.0
-    with torch.no_grad(), autocast(device):
-        for index, (batch, target) in enumerate(zip(batches, targets)):
-            got = output_tensor(forward_batch(model, batch, index)).float()
-            expected = target.to(got.device).float()
-            squared += float(((got - expected) ** 2).sum())
-            reference += float((expected**2).sum())
-    return squared / reference if reference > 0 else squared
+def guard_check(model: nn.Module, adapter: Adapter,
+                held: list[dict[str, Any]]) -> tuple[str, Callable[[], list[torch.Tensor]]]:
+    """The guard's measurement on ``model`` as it is: ``(kind, function returning the tensors)``."""
+    kind = "trajectory" if adapter.flow_time_scale is not None else "outputs"
+    return kind, latent_check(model, held[:CHECK_BATCHES], adapter.flow_time_scale, TRAJECTORY_STEPS)
+
+
+def reference_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """The guard's measurement on the unpruned model, on the CPU."""
+    with torch.no_grad():
+        return [t.detach().cpu() for t in guard_check(model, adapter, held)[1]()]
 
 
 def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[str], train: list[dict],
-         train_targets: list[torch.Tensor], held: list[dict], held_targets: list[torch.Tensor],
+         train_targets: list[torch.Tensor], held: list[dict], held_reference: list[torch.Tensor],
          options: SandwichConfig, seed: int) -> HealReport:
-    """Train LoRA on the ``kept`` blocks and the ``surrogates`` in full to ``*_targets``; merge; report.
+    """Train LoRA on the ``kept`` blocks and the ``surrogates`` in full to ``train_targets``, guarded by
+    :func:`guard_check` against ``held_reference`` (:func:`reference_check` of the unpruned model); merge; report.
 
     On any error the model is put back as it was before healing.
     """
@@ -75,6 +87,11 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
     dtypes = {name: next(modules[name].parameters()).dtype for name in surrogates}
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     world, rank = distributed.world_size(), distributed.rank() if distributed.active() else 0
+    kind, measure = guard_check(model, adapter, held)
+
+    def held_error() -> float:
+        with torch.no_grad(), autocast(device):
+            return relative_error(measure(), held_reference)
 
     def step_loss(index: int) -> torch.Tensor | None:
         if index % world != rank:
@@ -97,9 +114,7 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
                     lora_blocks.append(name)
             trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
             settings = guard_settings(options, steps=options.heal_steps)
-            result = guarded_training(trainable, step_loss,
-                                      lambda: _relative_error(model, held, held_targets, device),
-                                      len(train), settings, seed, "global healing")
+            result = guarded_training(trainable, step_loss, held_error, len(train), settings, seed, "global healing")
         except BaseException:
             for name in kept:
                 remove_lora(modules[name])
@@ -114,7 +129,7 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
         modules[name].to(dtypes[name])
     _reset_requires_grad(model, requires_grad)
     return HealReport(options.heal_steps, result.steps_run, result.best_step, result.error_before, result.error_after,
-                      result.lr, result.lr_errors, lora_blocks, list(surrogates) if options.train_surrogates else [],
+                      result.lr, result.lr_errors, kind, lora_blocks, list(surrogates) if options.train_surrogates else [],
                       time.perf_counter() - started)
 
 

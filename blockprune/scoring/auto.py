@@ -4,12 +4,14 @@ Candidate plans come from several signals (the built-in forward metrics in both 
 fixed orders), scored on calibration batches with a share held out. Each plan's blocks are replaced at
 once by least-squares surrogates fitted on the other batches, and the result is compared with the intact
 model over several denoising steps, since errors compound over the steps (``docs/results.md`` shows a
-one-step output check picking plans 3 to 7 dB worse than the best signal): with a pipeline at hand, on
-images sampled over a short trajectory; without one, for rectified-flow models (the adapter's
-``flow_time_scale``), on latents integrated from the held-out batches' noise levels down to 0; otherwise
-on the held-out batches' one-step outputs. A greedy refinement then
+one-step output check picking plans 3 to 7 dB worse than the best signal): on images sampled over a short
+trajectory when a pipeline is at hand and the calibration's prompts are known (it was recorded from the
+pipeline, or ``generation_prompts`` are given); otherwise, for rectified-flow models (the adapter's
+``flow_time_scale``), on latents drawn from seeded noise over a few Euler steps, conditioned on the
+held-out batches' text; otherwise on images, with a pipeline, or on the held-out batches' one-step outputs. A greedy refinement then
 tries swapping blocks of the best plan for the next ones in its ranking, and keeps a swap only when the
-error falls. The winner is therefore never worse, by that check, than any candidate, the simpler default
+error falls on each half of the check (greedy makes many comparisons on a small check: one half alone
+is often noise). The winner is therefore never worse, by that check, than any candidate, the simpler default
 (``fit_residual``) included.
 """
 
@@ -28,13 +30,13 @@ from ..brll.replacement import fit_surrogate
 from ..calibration import bundled_prompts
 from ..discovery.spec import Block
 from ..errors import BlockpruneError
-from ..runtime.forward import forward_batch, model_device, output_tensor
+from ..runtime.forward import model_device
 from .base import ScoringContext
 from .cache import cache_directory
 from .combination import resolve_metrics
 from .metrics.generation import generation_settings
 from .selection import ImportanceTable, compute_scores, score_run
-from .trajectory import flow_trajectory
+from .trajectory import latent_check, relative_error
 
 if TYPE_CHECKING:
     from ..run import Run
@@ -86,6 +88,7 @@ class PlanEvaluator:
         self.ridge, self.record_device = ridge, record_device
         self.surrogates: dict[str, nn.Module] = {}
         self.errors: dict[tuple[str, ...], float] = {}
+        self.halves: dict[tuple[str, ...], tuple[float, float]] = {}
         self.reference = [t.float() for t in measure()]
 
     def _surrogate(self, name: str) -> nn.Module:
@@ -107,15 +110,33 @@ class PlanEvaluator:
                 self.model.set_submodule(name, original)
 
     def error(self, names: list[str]) -> float:
-        """Relative squared error ``Σ‖ŷ − y‖² / Σ‖y‖²`` of the output on the held-out batches."""
+        """Relative squared error ``Σ‖ŷ − y‖² / Σ‖y‖²`` of the measured tensors against the intact model's."""
         key = tuple(sorted(names))
         if key not in self.errors:
             with self._replaced(names):
-                outputs = [t.float() for t in self.measure()]
-            error = sum(float(((got - expected) ** 2).sum()) for got, expected in zip(outputs, self.reference))
-            reference = sum(float((expected**2).sum()) for expected in self.reference)
-            self.errors[key] = error / reference if reference > 0 else error
+                measured = self.measure()
+            self.errors[key] = relative_error(measured, self.reference)
+            self.halves[key] = tuple(relative_error(got, expected)  # type: ignore[assignment]
+                                     for got, expected in zip(_halves(measured), _halves(self.reference)))
         return self.errors[key]
+
+    def better_on_both_halves(self, names: list[str], than: list[str]) -> bool:
+        """Whether ``names`` has the lower error on each half of the check (its images, or its batches), not only in
+        sum: greedy refinement compares many plans on a small check, and one half alone is often noise."""
+        self.error(names), self.error(than)
+        mine, theirs = self.halves[tuple(sorted(names))], self.halves[tuple(sorted(than))]
+        return all(a < b for a, b in zip(mine, theirs))
+
+
+def _halves(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The measured tensors in two halves: alternate tensors, or the two halves of a single batch."""
+    if len(tensors) > 1:
+        return tensors[0::2], tensors[1::2]
+    (only,) = tensors
+    if only.shape[0] < 2:
+        return [only], [only]
+    first, second = only.chunk(2)
+    return [first], [second]
 
 
 def _candidates(run: Run, blocks: list[Block], fit: list[dict], on_block: Callable | None) -> list[Candidate]:
@@ -133,15 +154,18 @@ def _candidates(run: Run, blocks: list[Block], fit: list[dict], on_block: Callab
 
 def _refine(best: Candidate, count: int, evaluator: PlanEvaluator, rounds: int) -> tuple[list[str], float]:
     """Greedy swaps from ``best``: each round tries every block of the plan against the next ``SWAP_POOL``
-    blocks of its ranking and keeps the swap that lowers the held-out error most, if any does."""
+    blocks of its ranking and keeps the swap that lowers the error most among those that lower it on both
+    halves of the check, if any does."""
     plan, rest = list(best.ranking[:count]), list(best.ranking[count:])
     error = evaluator.error(plan)
     for _ in range(rounds):
-        trials = [(evaluator.error(plan[:i] + [c] + plan[i + 1:]), i, c)
-                  for i in range(len(plan)) for c in rest[:SWAP_POOL]]
-        if not trials or min(trials)[0] >= error:
+        trials = sorted((evaluator.error(plan[:i] + [c] + plan[i + 1:]), i, c)
+                        for i in range(len(plan)) for c in rest[:SWAP_POOL])
+        kept = [(e, i, c) for e, i, c in trials
+                if e < error and evaluator.better_on_both_halves(plan[:i] + [c] + plan[i + 1:], plan)]
+        if not kept:
             break
-        error, i, c = min(trials)
+        error, i, c = kept[0]
         rest.remove(c)
         rest.insert(0, plan[i])
         plan[i] = c
@@ -159,23 +183,28 @@ def check_kind(run: Run) -> str:
                               f"adapter sets no flow_time_scale; pass the pipeline to compress, or auto_check='outputs'")
     if check != "auto":
         return check
-    if run.pipeline is not None:
+    # sampled images check the plans on prompts; those must be the calibration's own: the prompts it was recorded
+    # from, or the generation_prompts given. With calibration batches of unknown prompts, the trajectory conditioned
+    # on their text checks the same distribution the fits saw (measured: images on other prompts misled, results.md).
+    prompts_known = run.recorded or "generation_prompts" in (run.config.scoring.metric_options or {})
+    if run.pipeline is not None and prompts_known:
         return "images"
-    return "trajectory" if run.adapter.flow_time_scale is not None else "outputs"
+    if run.adapter.flow_time_scale is not None:
+        return "trajectory"
+    return "images" if run.pipeline is not None else "outputs"
 
 
 def _measure(run: Run, kind: str, held: list[dict]) -> Callable[[], list[torch.Tensor]]:
     """The function whose tensors, compared with the intact model's, score a plan."""
-    options = {"generation_steps": TRAJECTORY_STEPS, "generation_prompts": bundled_prompts()[:TRAJECTORY_PROMPTS],
+    prompts = list(run.config.calibration_prompts or bundled_prompts())[:TRAJECTORY_PROMPTS]
+    options = {"generation_steps": TRAJECTORY_STEPS, "generation_prompts": prompts,
                **(run.config.scoring.metric_options or {})}
     if kind == "images":
         settings = generation_settings(ScoringContext(run.transformer, run.adapter, [], [], run.pipeline, options))
         return lambda: [run.adapter.generate(run.pipeline, settings["prompts"], settings["seeds"], settings["steps"])]
-    held = held[: run.config.scoring.auto_check_batches]
-    if kind == "trajectory":
-        steps, scale = int(options["generation_steps"]), float(run.adapter.flow_time_scale)
-        return lambda: [flow_trajectory(run.transformer, b, i, scale, steps) for i, b in enumerate(held)]
-    return lambda: [output_tensor(forward_batch(run.transformer, b, i)) for i, b in enumerate(held)]
+    scale = run.adapter.flow_time_scale if kind == "trajectory" else None
+    return latent_check(run.transformer, held[: run.config.scoring.auto_check_batches], scale,
+                        int(options["generation_steps"]))
 
 
 def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None) -> ImportanceTable:

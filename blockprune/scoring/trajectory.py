@@ -9,7 +9,7 @@ intact model's sees what a one-step output check cannot: errors that compound, o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -55,3 +55,19 @@ def flow_trajectory(model: nn.Module, batch: Mapping[str, Any], index: int, time
             )
         x = x + ((after - now) * velocity.float()).to(x.dtype)
     return x
+
+
+def latent_check(model: nn.Module, batches: list[Mapping[str, Any]], time_scale: float | None,
+                 steps: int) -> Callable[[], list[torch.Tensor]]:
+    """What a plan or a trained model is checked on without a pipeline: each batch's latents after a ``steps``-step
+    trajectory from noise when the model is a rectified-flow one (``time_scale`` set), else its one-step output."""
+    if time_scale is not None:
+        return lambda: [flow_trajectory(model, b, i, float(time_scale), steps) for i, b in enumerate(batches)]
+    return lambda: [output_tensor(forward_batch(model, b, i)) for i, b in enumerate(batches)]
+
+
+def relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """Relative squared error ``Σ‖ŷ − y‖² / Σ‖y‖²`` over matching tensors."""
+    error = sum(float(((g.float() - e.to(g.device).float()) ** 2).sum()) for g, e in zip(got, expected))
+    reference = sum(float((e.float() ** 2).sum()) for e in expected)
+    return error / reference if reference > 0 else error
