@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console
@@ -144,3 +144,17 @@ def mark_cached(bars: Progress, earlier: set[TaskID], cached: list[str], metrics
     for task in bars.tasks:
         if task.id not in earlier and not task.finished:
             bars.update(task.id, description=f"{task.description} (cached)", completed=task.total)
+
+
+def training_bar(bars: Progress) -> Callable[[str, int, int, float], None]:
+    """A listener for :func:`blockprune.sandwich.guard.training_progress` that shows each training (a sandwich
+    stage, healing) as a bar of its steps, with the held-out error of its last check."""
+    tasks: dict[str, TaskID] = {}
+
+    def listen(name: str, step: int, steps: int, error: float) -> None:
+        description = f"{name}: held-out error {error:.4g}"
+        if name not in tasks:
+            tasks[name] = bars.add_task(description, total=steps)
+        bars.update(tasks[name], completed=step, description=description)
+
+    return listen

@@ -23,10 +23,11 @@ from .config import SandwichConfig
 from .discovery.spec import Block
 from .errors import BlockpruneError, CompressionInterrupted
 from .plan import Plan, ReplacedBlock, StageLog, StageReport, StreamReport
-from .progress import mark_cached
+from .progress import mark_cached, training_bar
 from .runtime.forward import model_device
 from .runtime.workdir import Workdir
 from .sandwich import train_stage
+from .sandwich.guard import training_progress
 from .sandwich.heal import heal, reference_check, reference_outputs
 from .sandwich.reuse import components_to_tensors, tensors_to_components
 from .scoring.auto import AUTO, auto_select
@@ -135,9 +136,9 @@ class Progressive:
                          if self.workdir is not None else "nothing was saved: pass workdir=... to make runs resumable")
                 raise CompressionInterrupted(f"compress interrupted after stage {step + 1} of {self.count}; {where}")
         if healing:
-            self._heal(*targets)
+            self._heal(*targets, bars)
 
-    def _heal(self, train_targets: list[torch.Tensor], held_reference: list[torch.Tensor]) -> None:
+    def _heal(self, train_targets: list[torch.Tensor], held_reference: list[torch.Tensor], bars: Any) -> None:
         """Global healing after the last stage, saved to (or restored from) the workdir as stage ``count``."""
         model = self.run.transformer
         saved = self.workdir.load_stage(self.count) if self.workdir is not None else None
@@ -153,7 +154,7 @@ class Progressive:
             return
         kept = [b.name for b in self.run.blocks if b.name not in self.replaced]
         surrogates = [b.name for b in self.run.blocks if b.name in self.replaced]
-        with self._timed("heal"):
+        with self._timed("heal"), training_progress(training_bar(bars)):
             report = heal(model, self.run.adapter, kept, surrogates, self.train, train_targets, self.held,
                           held_reference, self.sandwich, self.seed + self.count)
         self.plan.heal = asdict(report)
@@ -235,7 +236,7 @@ class Progressive:
         if self.sandwich is not None:
             folder = self.workdir.activations(step) if self.workdir is not None else None
             try:
-                with self._timed("sandwich"):
+                with self._timed("sandwich"), training_progress(training_bar(bars)):
                     report, trained, lora = train_stage(model, self.run.adapter, self.run.blocks, self.replaced, name,
                                                       self.train, self.held, self.originals, self.sandwich,
                                                       self.seed + step, folder, self.keep_activations,

@@ -91,3 +91,14 @@ def test_the_sandwich_table_fits_120_columns():
     console.print(stages_table(plan))
     rows = [line for line in console.file.getvalue().splitlines() if names[1] in line]
     assert len(rows) == 1 and "3 blocks, LoRA on 2" in rows[0] and "3.00 GiB" in rows[0]  # one whole line
+
+
+def test_each_sandwich_stage_and_healing_has_a_bar_with_its_held_out_error(capsys):
+    toy = small_model("flux-random")
+    batches = toy.calibration(toy.build(), 6, 0)
+    blockprune.compress(toy.build(), adapter="flux", ratio=0.1, calibration=batches, order="start2end",
+                        sandwich_steps=4, sandwich_lr=1e-4, sandwich_eval_every=2, heal_steps=2, cache_dir=False)
+    lines = capsys.readouterr().out.splitlines()
+    stages = [line for line in lines if line.startswith("sandwich training of block") and ": done" in line]
+    assert len(stages) == 2 and all("held-out error" in line for line in stages)  # one bar per stage
+    assert any(line.startswith("global healing: held-out error") and ": done" in line for line in lines)

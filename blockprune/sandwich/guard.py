@@ -10,8 +10,9 @@ probe reached the lowest held-out error trains on from where its probe ended.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,24 @@ from ..runtime import distributed
 LR_GRID = (1e-4, 3e-4, 1e-3)  # lr="auto": the rates probed, the paper's 1e-4 first
 WARMUP_SHARE = 0.1  # of the steps, at a linearly rising rate
 FINAL_LR_SHARE = 0.1  # the cosine decays to this share of the peak rate
+Listener = Callable[[str, int, int, float], None]  # (what trains, step, steps, held-out error) after each check
+_listener: Listener | None = None
+
+
+@contextlib.contextmanager
+def training_progress(listener: Listener) -> Iterator[None]:
+    """Call ``listener`` after every held-out check of the guarded trainings run inside the ``with`` block."""
+    global _listener
+    previous, _listener = _listener, listener
+    try:
+        yield
+    finally:
+        _listener = previous
+
+
+def _tell(name: str, step: int, steps: int, error: float) -> None:
+    if _listener is not None:
+        _listener(name, step, steps, error)
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,7 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
     weights with the lowest ``held_error()`` seen, the starting ones included; see the module docstring."""
     start = _snapshot(trainable)
     error_before = held_error()
+    _tell(name, 0, settings.steps, error_before)
     rates = LR_GRID if settings.lr == "auto" else (float(settings.lr),)
     probe = min(settings.steps, max(settings.eval_every, settings.steps // 5)) if len(rates) > 1 else 0
     lr_errors: dict[str, float] = {}
@@ -131,6 +151,7 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
         trainer = _Trainer(trainable, step_loss, total, settings, seed, name, rate)
         trainer.run(probe)
         error = held_error()
+        _tell(name, probe, settings.steps, error)
         lr_errors[f"{rate:g}"] = error
         if chosen is None or error < chosen[0]:
             chosen = (error, trainer, _snapshot(trainable))
@@ -145,9 +166,11 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
     while trainer.step < settings.steps and stale < settings.patience:
         trainer.run(min(settings.eval_every, settings.steps - trainer.step))
         error = held_error()
+        _tell(name, trainer.step, settings.steps, error)
         if error < best_error:
             best_error, best_step, best, stale = error, trainer.step, _snapshot(trainable), 0
         else:
             stale += 1
     _load(trainable, best)
+    _tell(name, settings.steps, settings.steps, best_error)  # done (an early stop ends the bar too)
     return GuardResult(error_before, best_error, best_step, trainer.step, trainer.peak, lr_errors)
