@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -26,17 +25,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from toy_rows import image_scores, write_rows
+
 import blockprune
 from blockprune.runtime.forward import to_device
 from blockprune.toy import (
     ToyPipeline,
-    attribute_accuracy,
     calibration_batches,
-    checker_frechet_distance,
     dataset_images,
     evaluation_prompts,
     generate,
-    teacher_fidelity,
 )
 
 ADAPTER = {"flux-small": "flux", "sd3-small": "sd3", "flux-deep": "flux"}
@@ -103,23 +101,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                    "stages": [{"before": s.relative_error_before, "after": s.relative_error_after,
                                "best_step": s.best_step, "steps_run": s.steps_run, "lr": s.lr} for s in plan.stages],
                    "heal": plan.heal or None,
-                   **teacher_fidelity(images, teacher), **attribute_accuracy(images, prompts),
-                   "frechet": checker_frechet_distance(images, reference)}
+                   **image_scores(images, teacher, prompts, reference)}
             rows.append(row)
             reverted = sum(s["best_step"] == 0 for s in row["stages"])
             print(f"{args.model} {ratio:.0%} {label:<18} psnr {row['psnr']:6.2f} acc {row['accuracy']:.3f} "
                   f"{seconds:6.1f} s, {reverted}/{len(row['stages'])} stages reverted", flush=True)
             del model
-        write_json(args, rows)  # after each ratio, so a run cut short keeps what it finished
+        write_rows(args, "healing", rows)  # after each ratio, so a run cut short keeps what it finished
     return rows
-
-
-def write_json(args: argparse.Namespace, rows: list[dict]) -> None:
-    args.output.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    payload = {"model": args.model, "seed": args.seed, "device": device, "calibration": args.calibration,
-               "batch_size": args.batch_size, "prompts": args.prompts, "steps": args.steps, "rows": rows}
-    (args.output / f"healing-{args.model}-seed{args.seed}.json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
 def print_table(rows: list[dict]) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -25,17 +24,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from toy_rows import image_scores, write_rows
+
 import blockprune
 from blockprune.runtime.forward import to_device
 from blockprune.toy import (
     ToyPipeline,
-    attribute_accuracy,
     calibration_batches,
-    checker_frechet_distance,
     dataset_images,
     evaluation_prompts,
     generate,
-    teacher_fidelity,
 )
 
 ADAPTER = {"flux-small": "flux", "sd3-small": "sd3", "flux-deep": "flux"}
@@ -101,22 +99,13 @@ def run(args: argparse.Namespace) -> list[dict]:
                 model, row = run_row(pipe, label, ratio, sandwich, calibration, args)
                 images = generate(model, prompts, seeds, args.steps)
                 row.update({"model": args.model, "seed": args.seed, "ratio": ratio, "sandwich": sandwich,
-                            "label": label, **teacher_fidelity(images, teacher), **attribute_accuracy(images, prompts),
-                            "frechet": checker_frechet_distance(images, reference)})
+                            "label": label, **image_scores(images, teacher, prompts, reference)})
                 rows.append(row)
                 print(f"{args.model} {ratio:.0%} {'ST' if sandwich else 'LS'} {label:<20} psnr {row['psnr']:6.2f} "
                       f"acc {row['accuracy']:.3f} {row['compress_s']:6.1f} s", flush=True)
                 del model
-                write_json(args, rows)  # after each row, so a run cut short keeps what it finished
+                write_rows(args, "selection", rows)  # after each row, so a run cut short keeps what it finished
     return rows
-
-
-def write_json(args: argparse.Namespace, rows: list[dict]) -> None:
-    args.output.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    payload = {"model": args.model, "seed": args.seed, "device": device, "calibration": args.calibration,
-               "batch_size": args.batch_size, "prompts": args.prompts, "steps": args.steps, "rows": rows}
-    (args.output / f"selection-{args.model}-seed{args.seed}.json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
 def print_table(rows: list[dict]) -> None:
