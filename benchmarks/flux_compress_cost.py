@@ -1,7 +1,11 @@
 """What the whole compress(ratio=0.2, sandwich=True) costs on the FLUX.1-dev configuration, with and without offload.
 
     python benchmarks/flux_compress_cost.py                 # H100: N=8 calibration samples at 1024²
+    python benchmarks/flux_compress_cost.py --importance auto --heal-steps 20   # selection and healing included
     python benchmarks/flux_compress_cost.py --tiny          # CPU smoke run on a small FLUX
+
+Both runs (in memory, then offload=True) use the same settings in the same process, except that healing is
+left out of the offload run (offload refuses it) and of the comparison between the two.
 
 Random bf16 weights, synthetic inputs of the real shapes (4096 image + 512 text tokens). Reports wall time
 per phase and peak GPU memory, checks that least-squares memory does not grow with N, and extrapolates to
@@ -11,6 +15,7 @@ the paper's 512 + 512 samples (assumptions printed). Writes JSON to $OUT when se
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -25,7 +30,9 @@ import flux_dev  # noqa: E402
 import blockprune  # noqa: E402
 from blockprune import plugins
 from blockprune.brll.recording import record_block
+from blockprune.config import ScoringConfig
 from blockprune.discovery.resolve import resolve_blocks
+from blockprune.scoring.auto import split_for_selection
 
 
 def build(args, device):
@@ -68,23 +75,29 @@ def least_squares_memory(args, device) -> dict[str, float]:
 
 
 def compress_once(args, device, offload: bool) -> dict:
+    gc.collect()  # the previous run's model holds reference cycles: free its GPU memory before this run
     model = build(args, device)
     model.to("cpu" if offload else device)
     batches = inputs(args, args.samples)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    memory = {"max_gpu_memory": args.max_gpu_memory} if offload and args.max_gpu_memory else {}
     started = time.perf_counter()
     blockprune.compress(model, adapter="flux", ratio=0.2, calibration=batches, device=device, offload=offload,
                         progress=False, cache_dir=False, score_batches=args.score_batches,
-                        sandwich_steps=args.steps, sandwich_lr=1e-4, importance="output_mse")  # as in docs/results.md
+                        sandwich_steps=args.steps, sandwich_lr=args.lr, importance=args.importance,
+                        heal_steps=0 if offload else args.heal_steps, **memory)
     wall = time.perf_counter() - started
     plan = blockprune.plan(model)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     train = sum(s.train_seconds for s in plan.stages)
     result = {"offload": offload, "wall_s": wall, "peak_gib": peak, "phases_s": plan.seconds, "train_s": train,
               "replaced": len(plan.replaced), "blocks": len(plan.blocks), "samples": args.samples,
-              "score_batches": args.score_batches, "steps": args.steps,
+              "score_batches": args.score_batches, "steps": args.steps, "importance": args.importance,
+              "heal_steps": 0 if offload else args.heal_steps, "max_gpu_memory": memory.get("max_gpu_memory"),
+              "selection_s": plan.selection.get("seconds", {}), "heal": plan.heal,
+              "offload_visits": plan.offload_visits,
               "span_error_after": [s.relative_error_after for s in plan.stages]}
     del model
     return result
@@ -96,13 +109,27 @@ def extrapolate(row: dict, args) -> dict:
     ls_samples = n - round(0.5 * n)
     train_samples = n - ls_samples
     phases = row["phases_s"]
-    scoring = phases.get("scoring", 0.0) * args.target_score_batches / args.score_batches
+    scale = args.target_score_batches / args.score_batches
+    selection = row["selection_s"]
+    if selection:  # auto: signals and fits grow with the scoring batches, checks with the held-out ones (≤ 8)
+        _, held = split_for_selection(list(range(args.score_batches)), ScoringConfig().auto_held_out)
+        _, held_target = split_for_selection(list(range(args.target_score_batches)), ScoringConfig().auto_held_out)
+        check_batches = ScoringConfig().auto_check_batches
+        checks = selection["checks"] * min(check_batches, len(held_target)) / min(check_batches, len(held))
+        rest = phases.get("scoring", 0.0) - sum(selection.values())  # scoring outside auto_select
+        scoring = (selection["signals"] + selection["fits"] + rest) * scale + checks
+    else:
+        scoring = phases.get("scoring", 0.0) * scale
     least_squares = phases.get("least_squares", 0.0) * 512 / ls_samples
     recording = phases.get("sandwich", 0.0) - row["train_s"]
     training = row["train_s"] * args.target_steps / args.steps
     sandwich = recording * 512 / train_samples + training
+    heal = 0.0
+    if row["heal"]:  # training and its checks per step run; the unpruned model's references once
+        trained = row["heal"]["seconds"]
+        heal = phases.get("heal", 0.0) - trained + trained * args.target_heal_steps / max(1, row["heal"]["steps_run"])
     return {"scoring_h": scoring / 3600, "least_squares_h": least_squares / 3600, "sandwich_h": sandwich / 3600,
-            "total_h": (scoring + least_squares + sandwich) / 3600}
+            "heal_h": heal / 3600, "total_h": (scoring + least_squares + sandwich + heal) / 3600}
 
 
 def main() -> None:
@@ -110,42 +137,56 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="calibration samples (half least squares, half training)")
     parser.add_argument("--score-batches", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20, help="sandwich steps per stage in the measured run")
+    parser.add_argument("--lr", default=1e-4, type=lambda v: v if v == "auto" else float(v), help="sandwich_lr")
+    parser.add_argument("--importance", default="output_mse", help="output_mse as in the first measurement, or auto")
+    parser.add_argument("--heal-steps", type=int, default=0, help="healing steps in the in-memory run")
+    parser.add_argument("--target-heal-steps", type=int, default=300, help="extrapolation: healing steps")
+    parser.add_argument("--max-gpu-memory", help="offload run: the GPU budget, e.g. 8GiB (default: one block ahead)")
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--ls-batches", type=int, default=2)
     parser.add_argument("--target-score-batches", type=int, default=32, help="extrapolation: scoring batches")
     parser.add_argument("--target-steps", type=int, default=512, help="extrapolation: sandwich steps per stage")
     parser.add_argument("--no-offload", action="store_true", help="skip the offload run")
+    parser.add_argument("--no-ls-memory", action="store_true", help="skip the least-squares memory check")
+    parser.add_argument("--name", default="flux_compress_cost", help="the JSON file's name in $OUT")
     parser.add_argument("--offload-only", action="store_true", help="only the offload run")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a small FLUX")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     rows = []
-    memory = least_squares_memory(args, device) if not args.offload_only else {}
-    if not args.offload_only:
-        rows.append(compress_once(args, device, offload=False))
-    if not args.no_offload:
-        rows.append(compress_once(args, device, offload=True))
-    for row in rows:
-        row["extrapolated"] = extrapolate(row, args)
+    memory = least_squares_memory(args, device) if not (args.offload_only or args.no_ls_memory) else {}
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": "bfloat16" if not args.tiny else "float32",
               "resolution": args.resolution, "least_squares_peak_gib": memory, "runs": rows}
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "flux_compress_cost.json").write_text(json.dumps(report, indent=2))
+    for offload in [False] * (not args.offload_only) + [True] * (not args.no_offload):
+        rows.append(compress_once(args, device, offload=offload))
+        rows[-1]["extrapolated"] = extrapolate(rows[-1], args)
+        if os.environ.get("OUT"):  # after each run, so that a run cut short keeps the ones before
+            Path(os.environ["OUT"], f"{args.name}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=1))
     print(f"\ndevice {report['device']}, torch {report['torch']}, {report['dtype']}, {args.resolution}², "
           f"N={args.samples} samples, score batches {args.score_batches}, {args.steps} sandwich steps/stage")
     if memory:
         (few, a), (many, b) = memory.items()
         print(f"least-squares peak memory: {a:.2f} GiB with {few} batches, {b:.2f} GiB with {many}")
-    print(f"{'offload':>7} {'wall s':>8} {'peak GiB':>9} {'scoring':>8} {'lsq':>7} {'sandwich':>9}"
-          f" {'extrap. H100-h':>15}")
+    print(f"{'offload':>7} {'wall s':>8} {'peak GiB':>9} {'scoring':>8} {'lsq':>7} {'sandwich':>9} {'heal':>7}"
+          f" {'extrap. h':>10} {'prefetched':>11}")
     for row in rows:
-        p = row["phases_s"]
+        p, visits = row["phases_s"], row["offload_visits"]
+        ahead = sum(n for k, n in visits.items() if k.endswith(".ahead"))
+        share = f"{ahead / max(1, sum(visits.values())):.0%}" if visits else "-"
         print(f"{str(row['offload']):>7} {row['wall_s']:>8.1f} {row['peak_gib']:>9.2f} {p.get('scoring', 0):>8.1f}"
-              f" {p.get('least_squares', 0):>7.1f} {p.get('sandwich', 0):>9.1f} {row['extrapolated']['total_h']:>15.2f}")
+              f" {p.get('least_squares', 0):>7.1f} {p.get('sandwich', 0):>9.1f} {p.get('heal', 0):>7.1f}"
+              f" {row['extrapolated']['total_h']:>10.2f} {share:>11}")
+    if len(rows) == 2:
+        plain, offloaded = rows
+        shared = [k for k in ("scoring", "least_squares", "sandwich") if k in plain["phases_s"]]
+        ratios = {k: offloaded["phases_s"].get(k, 0) / plain["phases_s"][k] for k in shared if plain["phases_s"][k]}
+        without_heal = plain["wall_s"] - plain["phases_s"].get("heal", 0.0)
+        print(f"offload / in memory (same settings, healing left out): whole {offloaded['wall_s'] / without_heal:.2f}x; "
+              + ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items()))
     print(f"extrapolation: 512 + 512 samples, {args.target_score_batches} scoring batches, "
-          f"{args.target_steps} sandwich steps per stage")
+          f"{args.target_steps} sandwich steps per stage, {args.target_heal_steps} healing steps")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             print(f"{args.model} {ratio:.0%} {label:<18} psnr {row['psnr']:6.2f} acc {row['accuracy']:.3f} "
                   f"{seconds:6.1f} s, {reverted}/{len(row['stages'])} stages reverted", flush=True)
             del model
-        write_rows(args, "healing", rows)  # after each ratio, so a run cut short keeps what it finished
+            write_rows(args, "healing", rows)  # after each row, so a run cut short keeps what it finished
     return rows
 
 

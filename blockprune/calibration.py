@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import SET_BY_BLOCKPRUNE, check_call_options
 from .discovery.signature import bind_inputs
 from .errors import BlockpruneError
+from .option_checks import SET_BY_BLOCKPRUNE, check_call_options
 from .runtime.finite import check_finite_batches
 from .runtime.forward import to_device
 

@@ -17,40 +17,21 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import BlockpruneError
+from .option_checks import (
+    boolean,
+    check_call_options,
+    folder,
+    memory_size,
+    one_of,
+    positive_int,
+    positive_number,
+)
 
 ABLATIONS = ("remove", "replace")
 RESCORE = ("once", "each")
 TARGETS = ("local", "global")
 WIDTHS = (1, 3, 5)
 OUTSIDE_KEY = {"resume_key": False}
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise BlockpruneError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _positive_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):
-        raise BlockpruneError(f"{name} must be a positive number, got {value!r}")
-
-
-def _boolean(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise BlockpruneError(f"{name} must be True or False, got {value!r}")
-
-
-def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise BlockpruneError(f"unknown {name} {value!r}; use one of {', '.join(map(repr, choices))}")
-
-
-def _folder(name: str, value: Any, allow_false: bool = False) -> None:
-    if value is None or (allow_false and value is False):
-        return
-    if not isinstance(value, (str, os.PathLike)):
-        accepted = "a folder path, None or False" if allow_false else "a folder path or None"
-        raise BlockpruneError(f"{name} must be {accepted}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -71,21 +52,21 @@ class ScoringConfig:
     auto_check_batches: int = 8  # importance="auto": held-out batches a trajectory or outputs check runs on
 
     def __post_init__(self) -> None:
-        _one_of("ablation", self.ablation, ABLATIONS)
+        one_of("ablation", self.ablation, ABLATIONS)
         if isinstance(self.auto_held_out, bool) or not isinstance(self.auto_held_out, numbers.Real) or not (
             0 < self.auto_held_out < 1
         ):
             raise BlockpruneError(f"auto_held_out must be strictly between 0 and 1, got {self.auto_held_out!r}")
         if isinstance(self.auto_refine, bool) or not isinstance(self.auto_refine, int) or self.auto_refine < 0:
             raise BlockpruneError(f"auto_refine must be an integer ≥ 0 (rounds of greedy swaps), got {self.auto_refine!r}")
-        _one_of("rescore", self.rescore, RESCORE)
-        _one_of("auto_check", self.auto_check, ("auto", "images", "trajectory", "outputs"))
-        _positive_int("auto_check_batches", self.auto_check_batches)
+        one_of("rescore", self.rescore, RESCORE)
+        one_of("auto_check", self.auto_check, ("auto", "images", "trajectory", "outputs"))
+        positive_int("auto_check_batches", self.auto_check_batches)
         if self.score_batches is not None:
-            _positive_int("score_batches", self.score_batches)
+            positive_int("score_batches", self.score_batches)
         if self.metric_options is not None and not isinstance(self.metric_options, Mapping):
             raise BlockpruneError(f"metric_options must be a dict of metric settings, got {self.metric_options!r}")
-        _folder("cache_dir", self.cache_dir, allow_false=True)
+        folder("cache_dir", self.cache_dir, allow_false=True)
 
 
 @dataclass(frozen=True)
@@ -114,20 +95,20 @@ class SandwichConfig:
         if self.width not in WIDTHS:
             raise BlockpruneError(f"sandwich_width must be 1, 3 or 5, got {self.width!r}")
         for name in ("steps", "batch_size", "lora_rank", "eval_every", "patience"):
-            _positive_int(_sandwich_option(name), getattr(self, name))
+            positive_int(_sandwich_option(name), getattr(self, name))
         if isinstance(self.heal_steps, bool) or not isinstance(self.heal_steps, int) or self.heal_steps < 0:
             raise BlockpruneError(f"heal_steps must be an integer ≥ 0 (0 turns healing off), got {self.heal_steps!r}")
         if self.lr != "auto":
-            _positive_number(_sandwich_option("lr"), self.lr)
+            positive_number(_sandwich_option("lr"), self.lr)
         for name in ("lora_alpha", "activation_budget"):
-            _positive_number(_sandwich_option(name), getattr(self, name))
+            positive_number(_sandwich_option(name), getattr(self, name))
         if isinstance(self.held_out, bool) or not isinstance(self.held_out, numbers.Real) or not 0 < self.held_out < 1:
             raise BlockpruneError(f"sandwich_held_out must be strictly between 0 and 1, got {self.held_out!r}")
         if isinstance(self.split, bool) or not isinstance(self.split, numbers.Real) or not 0 < self.split <= 1:
             raise BlockpruneError(f"sandwich_split must be in (0, 1] (1: every batch not held out trains), got "
                                   f"{self.split!r}")
         for name in ("gradient_checkpointing", "train_surrogates"):
-            _boolean(_sandwich_option(name), getattr(self, name))
+            boolean(_sandwich_option(name), getattr(self, name))
         if self.target not in TARGETS:
             raise BlockpruneError(f"sandwich_target must be 'local' or 'global', got {self.target!r}")
         if self.lora_targets is not None:
@@ -154,6 +135,9 @@ class CompressConfig:
     calibration_call_options: Mapping[str, Any] | None = field(default=None, metadata=OUTSIDE_KEY)
     # keep blocks on the CPU, moving each to the device only while it runs or trains
     offload: bool = field(default=False, metadata=OUTSIDE_KEY)
+    # with offload on a CUDA GPU: the GPU memory the run may hold (bytes, or "8GiB"); more blocks are prefetched
+    # while one runs when they fit. Default: one block ahead.
+    max_gpu_memory: int | str | None = field(default=None, metadata=OUTSIDE_KEY)
     # folder for resumable runs: scores and finished stages are written there atomically
     workdir: str | os.PathLike | None = field(default=None, metadata=OUTSIDE_KEY)
     # keep spilled activation shards in the workdir after their stage
@@ -171,10 +155,15 @@ class CompressConfig:
         if not isinstance(self.surrogate, str):
             raise BlockpruneError(f"surrogate must be the name of a surrogate kind, got {self.surrogate!r}")
         for name in ("calibration_steps", "steps_per_prompt"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         for name in ("offload", "keep_activations"):
-            _boolean(name, getattr(self, name))
-        _folder("workdir", self.workdir)
+            boolean(name, getattr(self, name))
+        folder("workdir", self.workdir)
+        if self.max_gpu_memory is not None:
+            if not self.offload:
+                raise BlockpruneError("max_gpu_memory bounds what offload=True keeps on the GPU; pass offload=True "
+                                      "with it, or drop max_gpu_memory (without offload the whole model sits there)")
+            object.__setattr__(self, "max_gpu_memory", memory_size("max_gpu_memory", self.max_gpu_memory))
         if self.offload and self.sandwich.heal_steps > 0:
             raise BlockpruneError("heal_steps trains every block at once, which offload=True cannot hold on the "
                                   "accelerator yet; pass heal_steps=0 with offload, or drop offload")
@@ -235,27 +224,6 @@ def _json_ready(value: Any) -> Any:
 
 
 # what the adapter's call_pipeline passes the pipeline itself, with the option that sets it (if any)
-SET_BY_BLOCKPRUNE = {"prompt": "calibration_prompts", "num_inference_steps": "calibration_steps",
-                     "generator": None, "output_type": None}
-
-
-def check_call_options(options: Any, name: str = "calibration_call_options") -> dict[str, Any]:
-    """A copy of ``options`` (keyword arguments for a pipeline call) as a dict, checked: string keys, and none of
-    the arguments that recording sets itself (``prompt``, ``num_inference_steps``, ``generator``, ``output_type``)."""
-    if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
-        raise BlockpruneError(f"{name} must be a dict of the pipeline call's keyword arguments, e.g. "
-                              f"{{'height': 512, 'width': 512}}, got {options!r}")
-    for key in options:
-        if key in SET_BY_BLOCKPRUNE:
-            instead = SET_BY_BLOCKPRUNE[key]
-            fix = f"use the {instead}= option instead" if instead else "leave it out"
-            raise BlockpruneError(f"{name} sets {key!r}, which blockprune sets itself when recording; {fix}")
-    for key in ("height", "width"):
-        if options.get(key) is not None:
-            _positive_int(f"{name}[{key!r}]", options[key])
-    return dict(options)
-
-
 def _sandwich_option(name: str) -> str:
     return name if name.startswith(("lora_", "heal_")) else f"sandwich_{name}"
 

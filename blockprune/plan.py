@@ -75,6 +75,8 @@ class Plan:
     selection: dict[str, Any] = field(default_factory=dict)
     model_fingerprint: str | None = None  # of the model before compression: reuse_from refuses another model
     heal: dict[str, Any] = field(default_factory=dict)  # global healing's report (HealReport fields), if it ran
+    # offload=True: block runs per phase whose weights were prefetched ("scoring.ahead") or copied on the spot
+    offload_visits: dict[str, int] = field(default_factory=dict)
 
     @property
     def replaced_names(self) -> list[str]:
@@ -139,7 +141,7 @@ class StageReport:
     train_seconds: float = 0.0
     best_step: int | None = None  # the step whose weights were kept; 0: training never beat the start
     steps_run: int | None = None  # steps trained before the early stop (probes of other rates not counted)
-    lr: float | None = None  # the peak rate trained with (lr="auto": the probe's winner)
+    lr: float | None = None  # the peak rate the kept weights trained at (lr="auto": the probe's winner); None if reverted
     lr_errors: dict[str, float] = field(default_factory=dict)  # lr="auto": held-out error after each rate's probe
 
     @property

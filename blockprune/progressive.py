@@ -116,7 +116,8 @@ class Progressive:
         """Run (or, from the workdir, restore) every stage, then healing; stop at a safe point when ``guard`` asks."""
         each = self.run.config.scoring.rescore == "each"
         healing = self.sandwich is not None and self.sandwich.heal_steps > 0
-        if healing:  # the model is still intact here, resumed or not
+        targets: tuple[list, list] = ([], [])  # healing's, from the intact model, unless it is in the workdir
+        if healing and not (self.workdir is not None and self.workdir.has_stages(self.count + 1)):
             with self._timed("heal"):
                 targets = (reference_outputs(self.run.transformer, self.train),
                            reference_check(self.run.transformer, self.run.adapter, self.held))
@@ -207,13 +208,17 @@ class Progressive:
         device = model_device(self.run.transformer)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        offload = self.run.offload
         started = time.perf_counter()
         try:
-            yield
+            with offload.counting(phase) if offload is not None else contextlib.nullcontext():
+                yield
         finally:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             self.plan.seconds[phase] = self.plan.seconds.get(phase, 0.0) + time.perf_counter() - started
+            if offload is not None:
+                self.plan.offload_visits = offload.visit_counts()
 
     def _keep_original(self, names: list[str]) -> None:
         if self.sandwich is not None:

@@ -76,7 +76,8 @@ def stages_table(plan: Plan) -> Table:
         heal = plan.heal
         table.caption = (f"healing: held-out output error {heal['relative_error_before']:.4g} → "
                          f"{heal['relative_error_after']:.4g}, kept step "
-                         f"{_kept(heal['best_step'], heal['steps_run'])}, rate {heal['lr']:g}")
+                         f"{_kept(heal['best_step'], heal['steps_run'])}"
+                         + ("" if heal["lr"] is None else f", rate {heal['lr']:g}"))
     return table
 
 

@@ -72,7 +72,8 @@ def prepare_run(
     if config.offload:
         if device is None or stack is None:
             raise BlockpruneError("offload=True needs device= (the accelerator that blocks visit), e.g. device='cuda'")
-        offload = stack.enter_context(Offload(transformer, chosen.trace_targets(transformer), device))
+        offload = stack.enter_context(Offload(transformer, chosen.trace_targets(transformer), device,
+                                              max_gpu_memory=config.max_gpu_memory))
     elif device is not None:
         transformer.to(device)
     if calibration is None and pipeline is not None:

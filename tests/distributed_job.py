@@ -24,6 +24,7 @@ if __name__ == "__main__":
     rank = dist.get_rank() if dist.is_initialized() else 0
     plan = blockprune.plan(model)
     torch.save({"state": model.state_dict(), "normal": normal, "scores": plan.scores, "replaced": plan.replaced_names,
-                "losses": [s.loss_after for s in plan.stages], "heal": plan.heal}, f"{out}-{rank}.pt")
+                "losses": [s.loss_after for s in plan.stages], "heal": plan.heal,
+                "selection": {k: plan.selection[k] for k in ("candidates", "chosen", "checked_on")}}, f"{out}-{rank}.pt")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -54,3 +54,10 @@ def test_healing_split_over_two_processes_equals_the_single_process_run(runs):
     assert multi["heal"]["best_step"] == single["heal"]["best_step"]
     for key in ("relative_error_before", "relative_error_after"):
         assert multi["heal"][key] == pytest.approx(single["heal"][key], rel=1e-4)
+
+
+def test_auto_selection_over_two_processes_checks_every_candidate_as_the_single_process_run(runs):
+    single, multi, rank1 = runs
+    assert single["selection"]["checked_on"] == "trajectory" and len(single["selection"]["candidates"]) >= 6
+    assert multi["selection"]["chosen"] == rank1["selection"]["chosen"] == single["selection"]["chosen"]
+    assert multi["selection"]["candidates"] == pytest.approx(single["selection"]["candidates"], rel=1e-4)

@@ -41,6 +41,9 @@ def add_offload_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload", action="store_true", default=None,
                         help="keep the transformer on the CPU, moving each block to --device only while it runs or "
                         "trains (a pipeline's other components go to --device)")
+    parser.add_argument("--max-gpu-memory", metavar="SIZE",
+                        help="with --offload: the GPU memory the run may hold, e.g. 20GiB; blocks that fit are copied "
+                        "ahead while others run (default: one block ahead)")
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
+
+from ..errors import BlockpruneError
+from .prefetch import Prefetcher, module_bytes, module_tensors
 
 _ALIGNMENT = 256  # bytes; every view in a HostBuffer starts on such a boundary
 
@@ -60,6 +64,11 @@ def _overlapping(tensors: list[torch.Tensor]) -> bool:
     return any(start < end for (_, end), (start, _) in zip(spans, spans[1:]))
 
 
+def gib(nbytes: int) -> str:
+    """``nbytes`` as ``1.25 GiB``."""
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
 @dataclass
 class _Home:
     """A block as housed by :class:`Offload`: the module, its buffer, and each tensor's view by ``id``."""
@@ -77,16 +86,29 @@ class Offload:
     24 GB card can compress FLUX.1-dev. Each block's weights rest in a :class:`HostBuffer`, page-locked when
     ``device`` is a CUDA GPU and ``page_lock`` is set, because these copies bound the speed of offloaded work.
     On exit the whole model is back on the CPU in ordinary memory.
+
+    On a CUDA GPU (with ``prefetch``) the next blocks are copied while one runs
+    (:mod:`blockprune.runtime.prefetch`); ``max_gpu_memory`` (bytes) bounds how many. ``visits`` counts block
+    runs by ``(phase, "ahead")`` (prefetched) and ``(phase, "waited")`` (copied when the block started), with
+    ``phase`` set by the caller.
     """
 
     def __init__(self, model: nn.Module, blocks: Iterable[str], device: torch.device | str,
-                 page_lock: bool = True) -> None:
+                 page_lock: bool = True, prefetch: bool = True, max_gpu_memory: int | None = None) -> None:
         self.model = model
         self.blocks = list(blocks)
         self.device = torch.device(device)
+        if max_gpu_memory is not None and self.device.type != "cuda":
+            raise BlockpruneError(f"max_gpu_memory bounds the memory of a CUDA GPU, but offload's device is "
+                                  f"{self.device}; drop max_gpu_memory or pass device='cuda'")
         self.page_lock = page_lock and self.device.type == "cuda"
+        self.prefetch = prefetch and self.device.type == "cuda"
+        self.max_gpu_memory = max_gpu_memory
+        self.prefetcher: Prefetcher | None = None
+        self.phase = "other"
+        self.visits: Counter[tuple[str, str]] = Counter()
         self.pinned_names: set[str] = set()
-        self.moving: set[int] = set()
+        self.moving: dict[int, nn.Module] = {}
         self.stash: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.handles: list[Any] = []
         self.homes: dict[str, _Home] = {}
@@ -96,7 +118,8 @@ class Offload:
 
         A block's host buffer stays until exit even while something else stands at its name: scoring swaps
         each block out and back in."""
-        self.moving = {id(self.model.get_submodule(n)) for n in self.blocks if n not in self.pinned_names}
+        modules = (self.model.get_submodule(n) for n in self.blocks if n not in self.pinned_names)
+        self.moving = {id(module): module for module in modules}
 
     def _house(self, name: str) -> None:
         """Move the block ``name``'s weights into a host buffer of their own."""
@@ -113,6 +136,8 @@ class Offload:
         """Bring the module at ``name`` back to the CPU: into its host buffer where it has one, so that what
         training changed stays page-locked too."""
         module = self.model.get_submodule(name)
+        if self.prefetcher is not None:
+            self.prefetcher.settle()  # a copy in flight may still read the host memory written below
         home = self.homes.get(name)
         views = home.views if home is not None and home.module is module else {}
         for tensor in (*module.parameters(), *module.buffers()):
@@ -125,14 +150,24 @@ class Offload:
     def _pre(self, module: nn.Module, args: Any) -> None:
         if module is self.model:
             self.refresh()
+            if self.prefetcher is not None:
+                self.prefetcher.begin_forward()
         elif id(module) in self.moving:
             if torch.is_grad_enabled():
                 module.to(self.device)
+                self.visits[self.phase, "waited"] += 1
                 return
             # inference: keep the CPU tensors and only point the parameters at device copies for this call
-            self.stash[id(module)] = [(t, t.data) for t in (*module.parameters(), *module.buffers())]
-            for tensor, data in self.stash[id(module)]:
-                tensor.data = data.to(self.device, non_blocking=True)
+            tensors = module_tensors(module)
+            self.stash[id(module)] = [(t, t.data) for t in tensors]
+            if self.prefetcher is None:
+                copies, ahead = [t.data.to(self.device, non_blocking=True) for t in tensors], False
+            else:
+                copies, ahead = self.prefetcher.take(module)
+                self.prefetcher.prefetch_after(module, self.moving.get)
+            for tensor, copy in zip(tensors, copies):
+                tensor.data = copy
+            self.visits[self.phase, "ahead" if ahead else "waited"] += 1
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         if id(module) in self.moving:
@@ -154,6 +189,8 @@ class Offload:
 
     def __enter__(self) -> Offload:
         self.model.to("cpu")
+        if self.max_gpu_memory is not None:
+            self._check_budget()
         try:
             for name in self.blocks:
                 self._house(name)
@@ -166,6 +203,8 @@ class Offload:
             for key, buffer in module.named_buffers(recurse=False):
                 module._buffers[key] = buffer.to(self.device)
         self.refresh()
+        if self.prefetch:
+            self.prefetcher = Prefetcher(self.device, self.max_gpu_memory)
         self.handles = [
             module_hooks.register_module_forward_pre_hook(self._pre),
             module_hooks.register_module_forward_hook(self._post),
@@ -175,13 +214,44 @@ class Offload:
     def __exit__(self, *exc: Any) -> None:
         for handle in self.handles:
             handle.remove()
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
         self.model.to("cpu")
         self._release_homes()
+
+    def _check_budget(self) -> None:
+        """Refuse a ``max_gpu_memory`` that cannot hold the parts outside the blocks plus the largest block."""
+        outside = sum(t.nbytes for m in self._outside_blocks() for t in (*m.parameters(recurse=False),
+                                                                          *m.buffers(recurse=False)))
+        name, largest = max(((n, module_bytes(self.model.get_submodule(n))) for n in self.blocks),
+                            key=lambda item: item[1], default=("", 0))
+        allocated = torch.cuda.memory_allocated(self.device)
+        need = allocated + outside + largest
+        if need > self.max_gpu_memory:
+            raise BlockpruneError(
+                f"max_gpu_memory={gib(self.max_gpu_memory)} cannot hold what offload keeps on {self.device} at once: "
+                f"{gib(outside)} for the parts outside the blocks, {gib(largest)} for the largest block ({name}) and "
+                f"{gib(allocated)} already allocated; raise max_gpu_memory above {gib(need)} (activations come on top)"
+            )
 
     def _release_homes(self) -> None:
         for home in self.homes.values():
             home.buffer.release()
         self.homes.clear()
+
+    @contextlib.contextmanager
+    def counting(self, phase: str) -> Iterator[None]:
+        """Count the block runs inside under ``phase`` in :attr:`visits`."""
+        outer, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = outer
+
+    def visit_counts(self) -> dict[str, int]:
+        """:attr:`visits` as ``{"scoring.ahead": n, "scoring.waited": m, ...}``."""
+        return {f"{phase}.{kind}": n for (phase, kind), n in sorted(self.visits.items())}
 
     @contextlib.contextmanager
     def pinned(self, names: Iterable[str]) -> Iterator[None]:

@@ -180,6 +180,11 @@ class Workdir:
             return None
         return record, load_file(self.path / weights)
 
+    def has_stages(self, count: int) -> bool:
+        """Whether stages ``0 … count − 1`` are all saved and intact (checksums verified)."""
+        return all(self._valid(f"stage-{i:03d}.safetensors") and self._valid(f"stage-{i:03d}.json")
+                   for i in range(count))
+
     def activations(self, index: int) -> Path:
         """The folder for stage ``index``'s spilled activation shards."""
         folder = self.path / "activations" / f"stage-{index:03d}"

@@ -62,7 +62,7 @@ class GuardResult:
     error_after: float
     best_step: int
     steps_run: int
-    lr: float
+    lr: float | None  # the peak rate the kept weights were trained at; None when the start was kept
     lr_errors: dict[str, float]
 
     @property
@@ -173,4 +173,4 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
             stale += 1
     _load(trainable, best)
     _tell(name, settings.steps, settings.steps, best_error)  # done (an early stop ends the bar too)
-    return GuardResult(error_before, best_error, best_step, trainer.step, trainer.peak, lr_errors)
+    return GuardResult(error_before, best_error, best_step, trainer.step, trainer.peak if best_step else None, lr_errors)

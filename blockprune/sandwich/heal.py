@@ -37,7 +37,7 @@ class HealReport:
     best_step: int
     relative_error_before: float
     relative_error_after: float
-    lr: float
+    lr: float | None  # the peak rate the kept weights trained at; None when healing was reverted
     lr_errors: dict[str, float] = field(default_factory=dict)
     checked_on: str = "outputs"  # the guard's check: "trajectory" (rectified flow) or one-step "outputs"
     lora_blocks: list[str] = field(default_factory=list)

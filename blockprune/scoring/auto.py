@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -89,12 +90,15 @@ class PlanEvaluator:
         self.surrogates: dict[str, nn.Module] = {}
         self.errors: dict[tuple[str, ...], float] = {}
         self.halves: dict[tuple[str, ...], tuple[float, float]] = {}
+        self.fit_seconds = 0.0  # spent fitting surrogates (grows with the fit batches); the rest is measuring
         self.reference = [t.float() for t in measure()]
 
     def _surrogate(self, name: str) -> nn.Module:
         if name not in self.surrogates:  # fitted on the intact model, as the plan's first replacement would be
+            started = time.perf_counter()
             self.surrogates[name], _ = fit_surrogate(self.model, self.by_name[name], self.fit, self.ridge,
                                                      self.record_device)
+            self.fit_seconds += time.perf_counter() - started
         return self.surrogates[name]
 
     @contextlib.contextmanager
@@ -224,7 +228,9 @@ def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None) -> 
     if bars is not None:
         task = bars.add_task("scoring blocks (auto: all signals)", total=len(blocks) * len(SIGNALS))
         on_block = lambda block: bars.advance(task)
+    started = time.perf_counter()
     candidates = _candidates(run, blocks, fit, on_block)
+    signals_seconds, started = time.perf_counter() - started, time.perf_counter()
     with torch.no_grad():
         evaluator = PlanEvaluator(run.transformer, blocks, fit, run.config.ridge, run.config.record_device,
                                   _measure(run, kind, held))
@@ -238,6 +244,8 @@ def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None) -> 
     names = [b.name for b in blocks]
     values = {c.name: c.values for c in candidates if c.values is not None}
     selection = {"candidates": errors, "chosen": chosen, "fit_batches": len(fit), "held_batches": len(held),
-                 "evaluations": len(evaluator.errors), "checked_on": kind}
+                 "evaluations": len(evaluator.errors), "checked_on": kind,
+                 "seconds": {"signals": signals_seconds, "fits": evaluator.fit_seconds,
+                             "checks": time.perf_counter() - started - evaluator.fit_seconds}}
     return ImportanceTable(names, values, {name: float(name == best.name) for name in values},
                            {name: float(ranking.index(name)) for name in names}, AUTO, [], selection)
