@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import flux_dev  # noqa: E402
+import flux_dev
 
-from blockprune.runtime.offload import Offload  # noqa: E402
-from blockprune.toy.flux_dev import build_flux  # noqa: E402
+from blockprune.runtime.offload import Offload
+from blockprune.toy.flux_dev import build_flux
 
 
 def timed_forwards(model, batch, repeats: int) -> tuple[float, torch.Tensor]:
@@ -95,7 +95,7 @@ def main() -> None:
     print(f"{'setting':<36} {'s/forward':>10} {'x in memory':>12} {'peak GiB':>9} {'prefetched':>11} {'same':>5}")
     for row in rows:
         print(f"{row['setting']:<36} {row['s']:>10.3f} {row['s'] / base:>12.2f} {row['peak_gib']:>9.2f} "
-              f"{row.get('prefetched', 0):>11.0%} {str(row.get('bit_identical', '-')):>5}")
+              f"{row.get('prefetched', 0):>11.0%} {row.get('bit_identical', '-')!s:>5}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ from conftest import flux_batches, make_flux
 from diffusers import FluxTransformer2DModel
 
 import blockprune
-from blockprune.option_checks import memory_size
 from blockprune.errors import BlockpruneError
+from blockprune.option_checks import memory_size
 from blockprune.runtime import prefetch
 from blockprune.runtime.offload import Offload
 
@@ -112,6 +112,6 @@ def test_max_gpu_memory_is_honoured_and_sets_how_far_ahead_blocks_are_copied():
         peak = torch.cuda.max_memory_allocated()
     assert peak <= budget
     assert max(depths) == 2
-    with pytest.raises(BlockpruneError, match=r"max_gpu_memory=0.00 GiB cannot hold .* raise max_gpu_memory above"):
-        with Offload(model, BLOCKS, "cuda", max_gpu_memory=block // 2):
-            pass
+    refusal = r"max_gpu_memory=0.00 GiB cannot hold .* raise max_gpu_memory above"
+    with pytest.raises(BlockpruneError, match=refusal), Offload(model, BLOCKS, "cuda", max_gpu_memory=block // 2):
+        pass
