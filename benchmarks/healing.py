@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "docs/results/healing")))
+    parser.add_argument("--unconditional", type=float, default=0.0,
+                        help="share of calibration samples with the empty prompt, as CFG sampling feeds them (0.5)")
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny counts")
     args = parser.parse_args(argv)
     if args.quick:
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(args.seed)
     pipe = ToyPipeline.from_pretrained(args.model).to(args.device)
     calibration = to_device(calibration_batches(pipe, args.calibration, seed=1000 + args.seed,
-                                                batch_size=args.batch_size), pipe.device)
+                                                batch_size=args.batch_size, unconditional=args.unconditional),
+                            pipe.device)
     prompts = evaluation_prompts(args.prompts, "train", seed=30_000)
     seeds = list(range(30_000, 30_000 + args.prompts))
     teacher = generate(pipe, prompts, seeds, args.steps)

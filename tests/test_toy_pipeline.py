@@ -141,3 +141,16 @@ def test_trained_models_are_registered_only_when_their_files_exist(tmp_path):
     blockprune.compress(built, adapter=entry.adapter, ratio=0.34, calibration=batches, sandwich=False, progress=False,
                         cache_dir=False)
     assert len(blockprune.plan(built).replaced) == 1
+
+
+def test_calibration_can_hold_the_unconditional_inputs_of_guided_sampling():
+    pipe = tiny_toy_pipeline()
+    plain, again = calibration_batches(pipe, 2, seed=5), calibration_batches(pipe, 2, seed=5, unconditional=0.0)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(plain, again) for k in a)  # the default is unchanged
+    empty, _ = pipe.encode_tokens(pipe.text_encoder.empty_tokens(1))
+    (all_empty,) = calibration_batches(pipe, 1, seed=5, unconditional=1.0)
+    states = all_empty["encoder_hidden_states"]
+    assert torch.allclose(states, empty.expand_as(states))
+    mixed = torch.cat([b["encoder_hidden_states"] for b in calibration_batches(pipe, 16, seed=5, unconditional=0.5)])
+    share = sum(torch.allclose(s, empty[0]) for s in mixed) / len(mixed)
+    assert 0.3 < share < 0.7

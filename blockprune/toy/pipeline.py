@@ -189,8 +189,13 @@ class ToyPipeline:
         return pipe.to(dtype=dtype)
 
 
-def calibration_batches(pipe: ToyPipeline, count: int, seed: int = 0, batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
-    """``count`` transformer input batches (on CPU) at uniform random times: noised training images with their captions."""
+def calibration_batches(pipe: ToyPipeline, count: int, seed: int = 0, batch_size: int = 4,
+                        unconditional: float = 0.0) -> list[dict[str, torch.Tensor]]:
+    """``count`` transformer input batches (on CPU) at uniform random times: noised training images with their captions.
+
+    ``unconditional`` is the share of samples whose caption is replaced by the empty prompt, as the unconditional
+    half of classifier-free guidance feeds the transformer when calibration is recorded from a sampler using it.
+    """
     generator = torch.Generator().manual_seed(seed)
     batches = []
     with torch.no_grad():
@@ -199,7 +204,12 @@ def calibration_batches(pipe: ToyPipeline, count: int, seed: int = 0, batch_size
             noise = torch.randn(batch.images.shape, generator=generator)
             t = torch.rand(batch_size, generator=generator)
             x_t = (1 - t.view(-1, 1, 1, 1)) * (batch.images * 2 - 1) + t.view(-1, 1, 1, 1) * noise
-            states, pooled = pipe.encode_tokens(batch.tokens)
+            tokens = batch.tokens
+            if unconditional > 0:  # drawn only then, so that calibration without it stays as it was
+                dropped = torch.rand(batch_size, generator=generator) < unconditional
+                empty = pipe.text_encoder.empty_tokens(batch_size).to(tokens.device)
+                tokens = torch.where(dropped[:, None], empty, tokens)
+            states, pooled = pipe.encode_tokens(tokens)
             inputs = transformer_inputs(pipe.transformer, pipe.config, x_t.to(pipe.device, pipe.dtype), t.to(pipe.device, pipe.dtype), states, pooled)
             batches.append({k: v.cpu() for k, v in inputs.items()})
     return batches
