@@ -140,7 +140,7 @@ class Offload:
             self.prefetcher.settle()  # a copy in flight may still read the host memory written below
         home = self.homes.get(name)
         views = home.views if home is not None and home.module is module else {}
-        for tensor in (*module.parameters(), *module.buffers()):
+        for tensor in module_tensors(module):
             view = views.get(id(tensor))
             if view is not None and view.shape == tensor.shape and view.dtype == tensor.dtype:
                 tensor.data = view.copy_(tensor.data)

@@ -31,7 +31,6 @@ class _Copy:
     module: nn.Module
     tensors: list[torch.Tensor]
     event: torch.cuda.Event
-    nbytes: int
 
 
 def module_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -102,7 +101,7 @@ class Prefetcher:
                 tensors = [t.data.to(self.device, non_blocking=True) for t in module_tensors(upcoming)]
                 event = torch.cuda.Event()
                 event.record(self.stream)
-            self.ahead[key] = _Copy(upcoming, tensors, event, nbytes)
+            self.ahead[key] = _Copy(upcoming, tensors, event)
 
     def _fits(self, nbytes: int, running: int) -> bool:
         if self.budget is None:
