@@ -122,8 +122,9 @@ def option_values(args: argparse.Namespace) -> dict[str, Any]:
     }
     if metric_options:
         options["metric_options"] = metric_options
-    if call_options(args):
-        options["calibration_call_options"] = call_options(args)
+    recording = call_options(args)
+    if recording:
+        options["calibration_call_options"] = recording
     return options
 
 

@@ -92,6 +92,7 @@ class Workdir:
             raise BlockpruneError(f"workdir {self.path} is a file; pass a folder (a new one, or one written by a run)")
         self.path.mkdir(parents=True, exist_ok=True)
         self._release = None
+        self._verified: set[str] = set()  # files whose checksum matched since this object opened the workdir
         if writer:  # the lock first: a second process must not delete the first one's files
             self._release = weakref.finalize(self, lock.release, lock.acquire(self.path))
         try:
@@ -133,14 +134,18 @@ class Workdir:
             return
         write_atomically(self.path / name, data)
         self.manifest["files"][name] = _digest(self.path / name)
+        self._verified.discard(name)
         self._commit()
 
     def _valid(self, name: str) -> bool:
         expected = self.manifest["files"].get(name)
         if expected is None:
             return False
+        if name in self._verified:  # checked once while open: the lock keeps other runs from changing it
+            return True
         path = self.path / name
         if path.is_file() and _digest(path) == expected:
+            self._verified.add(name)
             return True
         logger.warning("workdir: %s is missing or damaged (checksum mismatch); it will be recomputed", path)
         self._forget_from(name)
@@ -150,10 +155,12 @@ class Workdir:
         """Unregister ``name`` and, as later stages depend on it, every stage and score file from its index on."""
         files = self.manifest["files"]
         files.pop(name, None)
+        self._verified.discard(name)
         if name.startswith(("stage-", "scores-")):
             first = _index(name)
             for other in [f for f in files if f.startswith(("stage-", "scores-")) and _index(f) >= first]:
                 del files[other]
+                self._verified.discard(other)
         self._commit()
 
     def read_json(self, name: str) -> Any | None:

@@ -22,6 +22,9 @@ from ..adapter import Adapter
 from ..config import SandwichConfig
 from ..runtime import distributed
 from ..runtime.forward import forward_batch, model_device, output_tensor, to_device
+from ..scoring.auto import (
+    TRAJECTORY_STEPS,  # the guard's trajectory is as long as auto's plan checks
+)
 from ..scoring.trajectory import latent_check, relative_error
 from .guard import guarded_training
 from .lora import add_lora, merge_lora, remove_lora
@@ -50,7 +53,6 @@ class HealReport:
         return self.best_step == 0
 
 
-TRAJECTORY_STEPS = 8  # the guard's latent trajectory, as importance="auto" checks plans
 CHECK_BATCHES = 8  # held-out batches the guard checks on (bounds its cost)
 
 
