@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import flux_dev  # noqa: E402
+import flux_dev
 
-import blockprune  # noqa: E402
+import blockprune
 from blockprune import plugins
 from blockprune.brll.recording import record_block
 from blockprune.config import ScoringConfig
@@ -49,13 +49,15 @@ def build(args, device):
 
 
 def inputs(args, count, seed=0):
+    """``count`` calibration batches of ``args.batch`` samples each."""
+    b = args.batch
     if args.tiny:
         g = torch.Generator().manual_seed(seed)
-        return [{"hidden_states": torch.randn(1, 64, 64, generator=g), "encoder_hidden_states": torch.randn(1, 16, 64, generator=g),
-                 "pooled_projections": torch.randn(1, 32, generator=g), "timestep": torch.rand(1, generator=g),
-                 "guidance": torch.full((1,), 3.5), "img_ids": torch.zeros(64, 3), "txt_ids": torch.zeros(16, 3)}
+        return [{"hidden_states": torch.randn(b, 64, 64, generator=g), "encoder_hidden_states": torch.randn(b, 16, 64, generator=g),
+                 "pooled_projections": torch.randn(b, 32, generator=g), "timestep": torch.rand(b, generator=g),
+                 "guidance": torch.full((b,), 3.5), "img_ids": torch.zeros(64, 3), "txt_ids": torch.zeros(16, 3)}
                 for _ in range(count)]
-    return flux_dev.inputs(count, args.resolution, seed=seed)
+    return flux_dev.inputs(count, args.resolution, batch=b, seed=seed)
 
 
 def least_squares_memory(args, device) -> dict[str, float]:
@@ -78,7 +80,7 @@ def compress_once(args, device, offload: bool) -> dict:
     gc.collect()  # the previous run's model holds reference cycles: free its GPU memory before this run
     model = build(args, device)
     model.to("cpu" if offload else device)
-    batches = inputs(args, args.samples)
+    batches = inputs(args, args.samples // args.batch)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -87,15 +89,17 @@ def compress_once(args, device, offload: bool) -> dict:
     blockprune.compress(model, adapter="flux", ratio=0.2, calibration=batches, device=device, offload=offload,
                         progress=False, cache_dir=False, score_batches=args.score_batches,
                         sandwich_steps=args.steps, sandwich_lr=args.lr, importance=args.importance,
-                        heal_steps=0 if offload else args.heal_steps, **memory)
+                        heal_steps=0 if offload else args.heal_steps,
+                        sandwich_gradient_checkpointing=args.gradient_checkpointing, **memory)
     wall = time.perf_counter() - started
     plan = blockprune.plan(model)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     train = sum(s.train_seconds for s in plan.stages)
     result = {"offload": offload, "wall_s": wall, "peak_gib": peak, "phases_s": plan.seconds, "train_s": train,
-              "replaced": len(plan.replaced), "blocks": len(plan.blocks), "samples": args.samples,
+              "replaced": len(plan.replaced), "blocks": len(plan.blocks), "samples": args.samples, "batch": args.batch,
               "score_batches": args.score_batches, "steps": args.steps, "importance": args.importance,
-              "heal_steps": 0 if offload else args.heal_steps, "max_gpu_memory": memory.get("max_gpu_memory"),
+              "heal_steps": 0 if offload else args.heal_steps, "gradient_checkpointing": args.gradient_checkpointing,
+              "max_gpu_memory": memory.get("max_gpu_memory"),
               "selection_s": plan.selection.get("seconds", {}), "heal": plan.heal,
               "offload_visits": plan.offload_visits,
               "span_error_after": [s.relative_error_after for s in plan.stages]}
@@ -105,11 +109,11 @@ def compress_once(args, device, offload: bool) -> dict:
 
 def extrapolate(row: dict, args) -> dict:
     """Scale each phase to 512 least-squares + 512 training samples (assumptions in the printout)."""
-    n = args.samples
-    ls_samples = n - round(0.5 * n)
-    train_samples = n - ls_samples
+    n = args.samples // args.batch  # calibration batches
+    ls_samples = (n - round(0.5 * n)) * args.batch
+    train_samples = args.samples - ls_samples
     phases = row["phases_s"]
-    scale = args.target_score_batches / args.score_batches
+    scale = args.target_score_batches / (args.score_batches * args.batch)
     selection = row["selection_s"]
     if selection:  # auto: signals and fits grow with the scoring batches, checks with the held-out ones (≤ 8)
         _, held = split_for_selection(list(range(args.score_batches)), ScoringConfig().auto_held_out)
@@ -122,12 +126,12 @@ def extrapolate(row: dict, args) -> dict:
         scoring = phases.get("scoring", 0.0) * scale
     least_squares = phases.get("least_squares", 0.0) * 512 / ls_samples
     recording = phases.get("sandwich", 0.0) - row["train_s"]
-    training = row["train_s"] * args.target_steps / args.steps
+    training = row["train_s"] * args.target_steps / (args.steps * args.batch)  # targets count steps of one sample
     sandwich = recording * 512 / train_samples + training
     heal = 0.0
     if row["heal"]:  # training and its checks per step run; the unpruned model's references once
         trained = row["heal"]["seconds"]
-        heal = phases.get("heal", 0.0) - trained + trained * args.target_heal_steps / max(1, row["heal"]["steps_run"])
+        heal = phases.get("heal", 0.0) - trained + trained * args.target_heal_steps / max(1, row["heal"]["steps_run"] * args.batch)
     return {"scoring_h": scoring / 3600, "least_squares_h": least_squares / 3600, "sandwich_h": sandwich / 3600,
             "heal_h": heal / 3600, "total_h": (scoring + least_squares + sandwich + heal) / 3600}
 
@@ -135,23 +139,28 @@ def extrapolate(row: dict, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=8, help="calibration samples (half least squares, half training)")
-    parser.add_argument("--score-batches", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="samples per calibration batch (--samples must be a multiple)")
+    parser.add_argument("--score-batches", type=int, default=2, help="calibration batches used for scoring")
     parser.add_argument("--steps", type=int, default=20, help="sandwich steps per stage in the measured run")
     parser.add_argument("--lr", default=1e-4, type=lambda v: v if v == "auto" else float(v), help="sandwich_lr")
     parser.add_argument("--importance", default="output_mse", help="output_mse as in the first measurement, or auto")
     parser.add_argument("--heal-steps", type=int, default=0, help="healing steps in the in-memory run")
-    parser.add_argument("--target-heal-steps", type=int, default=300, help="extrapolation: healing steps")
+    parser.add_argument("--target-heal-steps", type=int, default=300, help="extrapolation: healing steps of one sample")
     parser.add_argument("--max-gpu-memory", help="offload run: the GPU budget, e.g. 8GiB (default: one block ahead)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="sandwich_gradient_checkpointing=True")
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--ls-batches", type=int, default=2)
-    parser.add_argument("--target-score-batches", type=int, default=32, help="extrapolation: scoring batches")
-    parser.add_argument("--target-steps", type=int, default=512, help="extrapolation: sandwich steps per stage")
+    parser.add_argument("--target-score-batches", type=int, default=32, help="extrapolation: scoring samples "
+                        "(batches of one; with importance='auto' the extrapolation assumes --batch 1)")
+    parser.add_argument("--target-steps", type=int, default=512, help="extrapolation: sandwich steps of one sample per stage")
     parser.add_argument("--no-offload", action="store_true", help="skip the offload run")
     parser.add_argument("--no-ls-memory", action="store_true", help="skip the least-squares memory check")
     parser.add_argument("--name", default="flux_compress_cost", help="the JSON file's name in $OUT")
     parser.add_argument("--offload-only", action="store_true", help="only the offload run")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a small FLUX")
     args = parser.parse_args()
+    if args.samples % args.batch:
+        parser.error(f"--samples {args.samples} is not a multiple of --batch {args.batch}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     rows = []
     memory = least_squares_memory(args, device) if not (args.offload_only or args.no_ls_memory) else {}
@@ -165,7 +174,7 @@ def main() -> None:
             Path(os.environ["OUT"], f"{args.name}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=1))
     print(f"\ndevice {report['device']}, torch {report['torch']}, {report['dtype']}, {args.resolution}², "
-          f"N={args.samples} samples, score batches {args.score_batches}, {args.steps} sandwich steps/stage")
+          f"N={args.samples} samples in batches of {args.batch}, score batches {args.score_batches}, {args.steps} sandwich steps/stage")
     if memory:
         (few, a), (many, b) = memory.items()
         print(f"least-squares peak memory: {a:.2f} GiB with {few} batches, {b:.2f} GiB with {many}")
@@ -175,7 +184,7 @@ def main() -> None:
         p, visits = row["phases_s"], row["offload_visits"]
         ahead = sum(n for k, n in visits.items() if k.endswith(".ahead"))
         share = f"{ahead / max(1, sum(visits.values())):.0%}" if visits else "-"
-        print(f"{str(row['offload']):>7} {row['wall_s']:>8.1f} {row['peak_gib']:>9.2f} {p.get('scoring', 0):>8.1f}"
+        print(f"{row['offload']!s:>7} {row['wall_s']:>8.1f} {row['peak_gib']:>9.2f} {p.get('scoring', 0):>8.1f}"
               f" {p.get('least_squares', 0):>7.1f} {p.get('sandwich', 0):>9.1f} {p.get('heal', 0):>7.1f}"
               f" {row['extrapolated']['total_h']:>10.2f} {share:>11}")
     if len(rows) == 2:

@@ -28,7 +28,7 @@ from ..scoring.auto import (
 from ..scoring.trajectory import latent_check, relative_error
 from .guard import guarded_training
 from .lora import add_lora, merge_lora, remove_lora
-from .training import autocast, guard_settings
+from .training import autocast, guard_settings, training_attention
 
 
 @dataclass
@@ -98,7 +98,7 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
     def step_loss(index: int) -> torch.Tensor | None:
         if index % world != rank:
             return None
-        with torch.enable_grad(), autocast(device):
+        with torch.enable_grad(), autocast(device), training_attention(device):
             got = output_tensor(model(**to_device(train[index], device))).float()
             return ((got - train_targets[index].to(device).float()) ** 2).mean()
 

@@ -25,7 +25,13 @@ def _call(module: nn.Module, arguments: dict[str, Any], use_checkpoint: bool) ->
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         arguments = {k: v for k, v in arguments.items() if k in parameters}
     if use_checkpoint and torch.is_grad_enabled():
-        return checkpoint(module, use_reentrant=False, **arguments)
+        device = next(module.parameters()).device
+
+        def run(**inputs: Any) -> Any:  # the backward's recompute must pick the forward's attention kernels again
+            with training_attention(device):
+                return module(**inputs)
+
+        return checkpoint(run, use_reentrant=False, **arguments)
     return module(**arguments)
 
 
@@ -52,9 +58,10 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _training_attention(device: torch.device):
-    """Attention kernels for sandwich training: every one but cuDNN's, whose bf16 backward gave NaN gradients (H100)
-    or failed ("mha_graph.execute", H200) on small heads in torch 2.11 + CUDA 13."""
+def training_attention(device: torch.device):
+    """Attention kernels for training (sandwich spans, healing): every one but cuDNN's, whose bf16 backward gave NaN
+    gradients (H100) or failed ("mha_graph.execute", then an illegal memory access; H200, on small heads and on
+    FLUX.1-dev's 24 heads of 128 at 1024²) in torch 2.11 + CUDA 13."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
@@ -84,7 +91,7 @@ def train_span(modules, span, inputs, targets, held_inputs, held_targets, total,
     def step_loss(index: int) -> torch.Tensor | None:
         if index % world != rank:
             return None
-        with torch.enable_grad(), autocast(device), _training_attention(device):
+        with torch.enable_grad(), autocast(device), training_attention(device):
             outputs = span_forward(modules, span, to_device(inputs[index // world], device), options.gradient_checkpointing)
             squared, _, count = _errors(outputs, to_device(targets[index // world], device))
             return squared / count
