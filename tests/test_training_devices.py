@@ -3,6 +3,7 @@ that training may use are restricted (cuDNN's backward failed at FLUX.1-dev scal
 
 import pytest
 import torch
+from conftest import flux_batches
 from test_offload_prefetch import OPTIONS, wide_flux
 
 import blockprune
@@ -14,10 +15,7 @@ DEVICES = [
 
 
 def batches(count: int) -> list[dict]:
-    g = torch.Generator().manual_seed(3)
-    return [{"hidden_states": torch.randn(2, 64, 4, generator=g), "encoder_hidden_states": torch.randn(2, 8, 16, generator=g),
-             "pooled_projections": torch.randn(2, 8, generator=g), "timestep": torch.rand(2, generator=g),
-             "img_ids": torch.zeros(64, 3), "txt_ids": torch.zeros(8, 3)} for _ in range(count)]
+    return flux_batches(count, seed=3, side=8, text=8)
 
 
 def model_for(device: str) -> torch.nn.Module:
