@@ -164,9 +164,6 @@ class CompressConfig:
                 raise BlockpruneError("max_gpu_memory bounds what offload=True keeps on the GPU; pass offload=True "
                                       "with it, or drop max_gpu_memory (without offload the whole model sits there)")
             object.__setattr__(self, "max_gpu_memory", memory_size("max_gpu_memory", self.max_gpu_memory))
-        if self.offload and self.sandwich.heal_steps > 0:
-            raise BlockpruneError("heal_steps trains every block at once, which offload=True cannot hold on the "
-                                  "accelerator yet; pass heal_steps=0 with offload, or drop offload")
         if self.calibration_prompts is not None:
             prompts = self.calibration_prompts
             if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:

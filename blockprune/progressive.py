@@ -157,7 +157,7 @@ class Progressive:
         surrogates = [b.name for b in self.run.blocks if b.name in self.replaced]
         with self._timed("heal"), training_progress(training_bar(bars)):
             report = heal(model, self.run.adapter, kept, surrogates, self.train, train_targets, self.held,
-                          held_reference, self.sandwich, self.seed + self.count)
+                          held_reference, self.sandwich, self.seed + self.count, self.run.offload)
         self.plan.heal = asdict(report)
         logger.info("healing: held-out output error %.4g → %.4g%s", report.relative_error_before,
                     report.relative_error_after, " (reverted: no step beat the start)" if report.reverted else "")

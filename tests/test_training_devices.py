@@ -1,12 +1,18 @@
 """Sandwich training with gradient checkpointing, and training on a CUDA GPU in bf16, where the attention kernels
 that training may use are restricted (cuDNN's backward failed at FLUX.1-dev scale on an H200)."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import flux_batches
 from test_offload_prefetch import OPTIONS, wide_flux
 
 import blockprune
+from blockprune.errors import BlockpruneError
+from blockprune.runtime.offload import Offload
+from blockprune.sandwich.blockwise import blockwise_backward
+from blockprune.sandwich.training import training_attention
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
@@ -14,12 +20,18 @@ DEVICES = [
 ]
 
 
-def batches(count: int) -> list[dict]:
-    return flux_batches(count, seed=3, side=8, text=8)
+def dtype_for(device: str) -> torch.dtype:
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def batches(count: int, device: str) -> list[dict]:
+    dtype = dtype_for(device)
+    return [{k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+            for batch in flux_batches(count, seed=3, side=8, text=8)]
 
 
 def model_for(device: str) -> torch.nn.Module:
-    return wide_flux().to(torch.bfloat16 if device == "cuda" else torch.float32)
+    return wide_flux().to(dtype_for(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -30,13 +42,13 @@ def test_gradient_checkpointing_trains_the_same_spans(device, offload):
     results = {}
     for checkpointing in (False, True):
         model = model_for(device)
-        blockprune.compress(model, calibration=batches(6), device=device, offload=offload,
+        blockprune.compress(model, calibration=batches(6, device), device=device, offload=offload,
                             sandwich_gradient_checkpointing=checkpointing, **OPTIONS)
         stages = blockprune.plan(model).stages
         assert stages and all(s.relative_error_after <= s.relative_error_before for s in stages)
         with torch.no_grad():
             model.to(device)
-            results[checkpointing] = model(**{k: v.to(device) for k, v in batches(1)[0].items()}).sample.float().cpu()
+            results[checkpointing] = model(**{k: v.to(device) for k, v in batches(1, device)[0].items()}).sample.float().cpu()
     tolerance = 0.05 if device == "cuda" else 1e-4
     assert torch.allclose(results[True], results[False], rtol=tolerance, atol=tolerance)
 
@@ -44,6 +56,62 @@ def test_gradient_checkpointing_trains_the_same_spans(device, offload):
 @pytest.mark.parametrize("device", DEVICES[1:])
 def test_healing_trains_in_bf16_on_cuda_and_never_ends_worse(device):
     model = model_for(device)
-    blockprune.compress(model, calibration=batches(8), device=device, heal_steps=4, **OPTIONS)
+    blockprune.compress(model, calibration=batches(8, device), device=device, heal_steps=4, **OPTIONS)
     heal = blockprune.plan(model).heal
     assert heal["steps_run"] >= 1 and heal["relative_error_after"] <= heal["relative_error_before"]
+
+
+def test_a_batch_of_another_dtype_is_rejected_with_the_cast_to_make():
+    model = wide_flux().to(torch.bfloat16)
+    with pytest.raises(BlockpruneError, match=r"float32 and the model's weights torch.bfloat16.*cast them"):
+        blockprune.compress(model, calibration=batches(6, "cpu"), device="cpu", **OPTIONS)
+
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_blockwise_backward_under_offload_gives_the_in_memory_gradients(device):
+    trainable_blocks = ["transformer_blocks.0", "single_transformer_blocks.5"]
+    batch = batches(1, device)[0]
+    gradients = {}
+    for offloaded in (False, True):
+        model = model_for(device).requires_grad_(False)
+        trainable = [p for name in trainable_blocks for p in model.get_submodule(name).parameters()]
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+        blocks = [f"transformer_blocks.{i}" for i in range(2)] + [f"single_transformer_blocks.{i}" for i in range(8)]
+        with contextlib.ExitStack() as stack:
+            if offloaded:
+                offload = stack.enter_context(Offload(model, blocks, device))
+                stack.enter_context(blockwise_backward(offload, trainable))
+            else:
+                model.to(device)
+            calls = []
+            stack.enter_context(model.get_submodule("single_transformer_blocks.3.attn").register_forward_hook(
+                lambda *_: calls.append(1)))
+            with training_attention(torch.device(device)):  # as healing trains (cuDNN's backward gave NaN)
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).sample.float().pow(2).mean()
+                loss.backward()
+            gradients[offloaded] = [p.grad.float().cpu() for p in trainable]
+        assert len(calls) == (2 if offloaded else 1)  # offloaded, each block ran again in the backward
+    tolerance = 0.05 if device == "cuda" else 1e-6
+    for offloaded, plain in zip(gradients[True], gradients[False]):
+        assert plain.abs().sum() > 0
+        assert torch.allclose(offloaded, plain, rtol=tolerance, atol=tolerance * plain.abs().max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_healing_under_offload_trains_as_in_memory(device):
+    """Under offload, healing backpropagates one resident block at a time (sandwich.blockwise): the rate probes of
+    sandwich_lr="auto" must reach the held-out errors they reach in memory."""
+    heals = {}
+    for offload in (False, True):
+        model = model_for(device)
+        blockprune.compress(model, calibration=batches(8, device), device=device, offload=offload, heal_steps=6,
+                            sandwich_eval_every=2, **{**OPTIONS, "sandwich_lr": "auto"})
+        heals[offload] = blockprune.plan(model).heal
+    in_memory, offloaded = heals[False], heals[True]
+    assert any(error != in_memory["relative_error_before"] for error in in_memory["lr_errors"].values())  # trained
+    tolerance = 0.05 if device == "cuda" else 1e-4
+    assert offloaded["relative_error_before"] == pytest.approx(in_memory["relative_error_before"], rel=tolerance)
+    assert offloaded["lr_errors"] == pytest.approx(in_memory["lr_errors"], rel=tolerance)
+    assert offloaded["best_step"] == in_memory["best_step"]

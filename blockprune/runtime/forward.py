@@ -103,8 +103,18 @@ def forward_batch(model: nn.Module, batch: Mapping[str, Any], index: int) -> Any
     except Exception as error:
         raise BlockpruneError(
             f"{type(model).__name__}.forward rejected calibration batch {index} "
-            f"(keys: {', '.join(batch)}): {type(error).__name__}: {error}"
+            f"(keys: {', '.join(batch)}): {type(error).__name__}: {error}{dtype_hint(model, batch)}"
         ) from error
+
+
+def dtype_hint(model: nn.Module, batch: Mapping[str, Any]) -> str:
+    """A hint for the error message when the batch's floating tensors differ in dtype from the model's weights."""
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    given = sorted({str(v.dtype) for v in batch.values() if isinstance(v, torch.Tensor) and v.is_floating_point()})
+    if weights is None or not given or given == [str(weights)]:
+        return ""
+    return (f". The batch's floating tensors are {', '.join(given)} and the model's weights {weights}: "
+            f"blockprune does not cast calibration batches, so cast them to {weights}")
 
 
 def output_tensor(output: Any) -> torch.Tensor:

@@ -112,6 +112,7 @@ class Offload:
         self.stash: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.handles: list[Any] = []
         self.homes: dict[str, _Home] = {}
+        self.recomputed_backward = False  # set by sandwich.blockwise: forwards with gradients run as in inference
 
     def refresh(self) -> None:
         """Look the blocks up again (a surrogate may stand where a block was); done at every model forward.
@@ -153,7 +154,7 @@ class Offload:
             if self.prefetcher is not None:
                 self.prefetcher.begin_forward()
         elif id(module) in self.moving:
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() and not self.recomputed_backward:
                 module.to(self.device)
                 self.visits[self.phase, "waited"] += 1
                 return

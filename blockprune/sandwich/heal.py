@@ -10,6 +10,7 @@ the one-step outputs. LoRA is merged afterwards, so inference costs nothing extr
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,10 +23,12 @@ from ..adapter import Adapter
 from ..config import SandwichConfig
 from ..runtime import distributed
 from ..runtime.forward import forward_batch, model_device, output_tensor, to_device
+from ..runtime.offload import Offload
 from ..scoring.auto import (
     TRAJECTORY_STEPS,  # the guard's trajectory is as long as auto's plan checks
 )
 from ..scoring.trajectory import latent_check, relative_error
+from .blockwise import blockwise_backward
 from .guard import guarded_training
 from .lora import add_lora, merge_lora, remove_lora
 from .training import autocast, guard_settings, training_attention
@@ -76,10 +79,11 @@ def reference_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any
 
 def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[str], train: list[dict],
          train_targets: list[torch.Tensor], held: list[dict], held_reference: list[torch.Tensor],
-         options: SandwichConfig, seed: int) -> HealReport:
+         options: SandwichConfig, seed: int, offload: Offload | None = None) -> HealReport:
     """Train LoRA on the ``kept`` blocks and the ``surrogates`` in full to ``train_targets``, guarded by
     :func:`guard_check` against ``held_reference`` (:func:`reference_check` of the unpruned model); merge; report.
 
+    Under ``offload`` the backward runs one resident block at a time (:mod:`blockprune.sandwich.blockwise`).
     On any error the model is put back as it was before healing.
     """
     started = time.perf_counter()
@@ -107,16 +111,12 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
         torch.manual_seed(seed)
         try:
             model.requires_grad_(False)
-            for name in surrogates:
-                modules[name].float().requires_grad_(options.train_surrogates)
-            for name in kept:
-                targets = list(options.lora_targets or adapter.lora_targets(modules[name]))
-                if targets:
-                    add_lora(modules[name], targets, options.lora_rank, options.lora_alpha)
-                    lora_blocks.append(name)
+            lora_blocks = _make_trainable(modules, adapter, kept, surrogates, options)
             trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
             settings = guard_settings(options, steps=options.heal_steps)
-            result = guarded_training(trainable, step_loss, held_error, len(train), settings, seed, "global healing")
+            with blockwise_backward(offload, trainable) if offload is not None else contextlib.nullcontext():
+                result = guarded_training(trainable, step_loss, held_error, len(train), settings, seed,
+                                          "global healing")
         except BaseException:
             for name in kept:
                 remove_lora(modules[name])
@@ -133,6 +133,21 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
     return HealReport(options.heal_steps, result.steps_run, result.best_step, result.error_before, result.error_after,
                       result.lr, result.lr_errors, kind, lora_blocks, list(surrogates) if options.train_surrogates else [],
                       time.perf_counter() - started)
+
+
+def _make_trainable(modules: dict[str, nn.Module], adapter: Adapter, kept: list[str], surrogates: list[str],
+                    options: SandwichConfig) -> list[str]:
+    """Surrogates in float32 (trainable unless ``train_surrogates`` is off) and LoRA on the kept blocks; returns
+    the blocks that got LoRA."""
+    for name in surrogates:
+        modules[name].float().requires_grad_(options.train_surrogates)
+    lora_blocks = []
+    for name in kept:
+        targets = list(options.lora_targets or adapter.lora_targets(modules[name]))
+        if targets:
+            add_lora(modules[name], targets, options.lora_rank, options.lora_alpha)
+            lora_blocks.append(name)
+    return lora_blocks
 
 
 def _reset_requires_grad(model: nn.Module, requires_grad: dict[int, bool]) -> None:

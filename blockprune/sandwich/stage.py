@@ -85,8 +85,13 @@ def _train_stage(model, adapter, blocks, replaced, new_block, train_batches, hel
         torch.cuda.reset_peak_memory_stats(device)
     loss_before, error_before = evaluate_span(span.modules, span.blocks, held_inputs, held_targets, device)
     lora_blocks, train_seconds, guard = _fit(model, adapter, span, stores, total_train, options, device, seed, new_block)
-    loss_after, error_after = evaluate_span(span.modules, span.blocks, held_inputs, held_targets, device)
-    trained, lora = _harvest(model, span, lora_blocks)
+    if guard is not None and guard.reverted:  # the span exactly as it was: no merge, no dtype round trip
+        _restore(model, span)
+        loss_after, error_after = loss_before, error_before
+        trained, lora = _harvest(model, span, [])
+    else:
+        loss_after, error_after = evaluate_span(span.modules, span.blocks, held_inputs, held_targets, device)
+        trained, lora = _harvest(model, span, lora_blocks)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     spilled = sum(store.spilled for store in stores)
     if not (keep_spilled and spill_folder is not None):
