@@ -1,12 +1,15 @@
 """A compress run in its own process, for the fault tests: ``python compress_job.py WORKDIR OUT [KILL_AT]``.
 
 ``KILL_AT`` is ``point:n``: the process kills itself with SIGKILL on the n-th call of that point's function.
-``JOB_IMPORTANCE`` in the environment replaces the importance metric (``output_mse``).
+``JOB_IMPORTANCE`` in the environment replaces the importance metric (``output_mse``); ``JOB_HEAL_STEPS`` turns
+global healing on (its report is written next to OUT, as JSON).
 """
 
+import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 from conftest import flux_batches, make_flux  # noqa: E402  (sets the test environment)
@@ -14,6 +17,7 @@ from conftest import flux_batches, make_flux  # noqa: E402  (sets the test envir
 import blockprune  # noqa: E402
 import blockprune.brll.replacement  # noqa: E402
 import blockprune.runtime.workdir  # noqa: E402
+import blockprune.sandwich.heal  # noqa: E402
 import blockprune.sandwich.stage  # noqa: E402
 import blockprune.scoring.auto  # noqa: E402
 import blockprune.scoring.metrics.output_mse  # noqa: E402
@@ -25,9 +29,13 @@ POINTS = {
     "training": (blockprune.sandwich.stage, "train_span"),
     "writing": (blockprune.runtime.workdir.os, "replace"),
     "evaluating": (blockprune.scoring.auto.PlanEvaluator, "error"),
+    "healing": (blockprune.sandwich.heal, "guarded_training"),
 }
 OPTIONS = {"ratio": 0.5, "sandwich_steps": 8, "sandwich_lr": 1e-3, "progress": False, "cache_dir": False,
-           "importance": os.environ.get("JOB_IMPORTANCE", "output_mse")}  # its evaluations: the "scoring" point
+           "importance": os.environ.get("JOB_IMPORTANCE", "output_mse"),  # its evaluations: the "scoring" point
+           "heal_steps": int(os.environ.get("JOB_HEAL_STEPS", "0"))}
+if OPTIONS["heal_steps"]:  # its rate probes record held-out errors after training, whether or not it is kept
+    OPTIONS["sandwich_lr"] = "auto"
 
 
 def kill_on_call(point: str, count: int) -> None:
@@ -52,4 +60,6 @@ if __name__ == "__main__":
     model = make_flux(double=2, single=2)
     blockprune.compress(model, calibration=flux_batches(8), workdir=workdir, **OPTIONS)
     torch.save(model.state_dict(), out)
+    if OPTIONS["heal_steps"]:
+        Path(out).with_suffix(".json").write_text(json.dumps(blockprune.plan(model).heal))
     print("stages", len(blockprune.plan(model).stages))

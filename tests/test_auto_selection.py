@@ -108,7 +108,7 @@ def test_a_selection_killed_by_sigkill_resumes_to_the_same_model(kill_at, tmp_pa
     assert killed.returncode == -signal.SIGKILL
     resumed = _job(tmp_path / "work", tmp_path / "model.pt")
     assert resumed.returncode == 0, resumed.stderr
-    expected, got = torch.load(tmp_path / "reference.pt"), torch.load(tmp_path / "model.pt")
+    expected, got = torch.load(tmp_path / "reference.pt", weights_only=True), torch.load(tmp_path / "model.pt", weights_only=True)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 

@@ -1,5 +1,6 @@
 """Long runs: workdir, resume after SIGKILL or Ctrl-C, damaged files, determinism."""
 
+import json
 import logging
 import os
 import signal
@@ -19,9 +20,10 @@ HERE = Path(__file__).parent
 OPTIONS = {"ratio": 0.5, "sandwich_steps": 8, "sandwich_lr": 1e-3, "progress": False, "cache_dir": False}
 
 
-def _job(workdir, out, kill_at=None):
+def _job(workdir, out, kill_at=None, heal_steps=0):
     command = [sys.executable, str(HERE / "compress_job.py"), str(workdir), str(out)] + ([kill_at] if kill_at else [])
-    return subprocess.run(command, capture_output=True, text=True, cwd=HERE)
+    env = {**os.environ, "JOB_HEAL_STEPS": str(heal_steps)}
+    return subprocess.run(command, capture_output=True, text=True, cwd=HERE, env=env)
 
 
 def _equal(a, b):
@@ -33,7 +35,7 @@ def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
     result = _job(folder / "work", folder / "model.pt")
     assert result.returncode == 0, result.stderr
-    return torch.load(folder / "model.pt")
+    return torch.load(folder / "model.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("kill_at", ["scoring:3", "recording:2", "fitting:3", "training:2", "writing:4", "writing:9"])
@@ -43,7 +45,21 @@ def test_killed_run_resumes_to_the_same_model(kill_at, reference, tmp_path):
     assert not (tmp_path / "model.pt").exists()
     resumed = _job(tmp_path / "work", tmp_path / "model.pt")
     assert resumed.returncode == 0, resumed.stderr
-    assert _equal(torch.load(tmp_path / "model.pt"), reference)
+    assert _equal(torch.load(tmp_path / "model.pt", weights_only=True), reference)
+
+
+def test_a_run_killed_while_healing_resumes_to_the_same_model(tmp_path):
+    healed = _job(tmp_path / "first", tmp_path / "healed.pt", heal_steps=6)
+    assert healed.returncode == 0, healed.stderr
+    killed = _job(tmp_path / "work", tmp_path / "model.pt", "healing:1", heal_steps=6)
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "model.pt").exists()
+    resumed = _job(tmp_path / "work", tmp_path / "model.pt", heal_steps=6)
+    assert resumed.returncode == 0, resumed.stderr
+    report, expected = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("model", "healed"))
+    assert report.pop("seconds") > 0 and expected.pop("seconds") > 0 and report == expected
+    assert report["lr_errors"] and any(e != report["relative_error_before"] for e in report["lr_errors"].values())
+    assert _equal(torch.load(tmp_path / "model.pt", weights_only=True),
+                  torch.load(tmp_path / "healed.pt", weights_only=True))
 
 
 def _compress(workdir, **kwargs):
