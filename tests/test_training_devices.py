@@ -2,6 +2,7 @@
 that training may use are restricted (cuDNN's backward failed at FLUX.1-dev scale on an H200)."""
 
 import contextlib
+import weakref
 
 import pytest
 import torch
@@ -115,3 +116,19 @@ def test_healing_under_offload_trains_as_in_memory(device):
     assert offloaded["relative_error_before"] == pytest.approx(in_memory["relative_error_before"], rel=tolerance)
     assert offloaded["lr_errors"] == pytest.approx(in_memory["lr_errors"], rel=tolerance)
     assert offloaded["best_step"] == in_memory["best_step"]
+
+
+def test_blockwise_backward_lets_the_saved_block_inputs_go_after_the_backward():
+    model = model_for("cpu").requires_grad_(False)
+    trainable = list(model.get_submodule("single_transformer_blocks.2").parameters())
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    blocks = [f"transformer_blocks.{i}" for i in range(2)] + [f"single_transformer_blocks.{i}" for i in range(8)]
+    seen = []
+    with Offload(model, blocks, "cpu") as offload, blockwise_backward(offload, trainable), \
+            model.get_submodule("single_transformer_blocks.4").register_forward_pre_hook(
+                lambda module, args, kwargs: seen.append(weakref.ref(kwargs["hidden_states"])), with_kwargs=True):
+        loss = model(**batches(1, "cpu")[0]).sample.pow(2).mean()
+        assert seen[0]() is not None  # kept for the backward's recompute
+        loss.backward()
+        assert seen[0]() is None  # the autograd node, still held through `loss`, keeps no copy of it

@@ -56,6 +56,7 @@ class _RecomputedBlock(torch.autograd.Function):
             pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        ctx.spilled = None
         return (None,) * 5 + tuple(t.grad if t.requires_grad else None for t in inputs)
 
 
@@ -66,9 +67,9 @@ def _resident(offload: Offload, module: nn.Module) -> Callable[[], contextlib.Ab
     @contextlib.contextmanager
     def resident() -> Iterator[None]:
         stashed = [(t, t.data) for t in module_tensors(module)]
-        for tensor, data in stashed:
-            tensor.data = data.to(offload.device, non_blocking=True)
         try:
+            for tensor, data in stashed:
+                tensor.data = data.to(offload.device, non_blocking=True)
             yield
         finally:
             for tensor, data in stashed:
@@ -85,9 +86,11 @@ def _wrapped(offload: Offload, module: nn.Module, original: Callable, spill: boo
             return original(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
         positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        # without the tensors: the autograd node keeps ``call``, and must not keep the device inputs through it
+        template = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
 
         def call(tensors: list[torch.Tensor]) -> Any:
-            filled = list(leaves)
+            filled = list(template)
             for position, tensor in zip(positions, tensors):
                 filled[position] = tensor
             inner_args, inner_kwargs = tree_unflatten(filled, spec)
