@@ -19,6 +19,7 @@ DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
 ]
+BLOCKS = [f"transformer_blocks.{i}" for i in range(2)] + [f"single_transformer_blocks.{i}" for i in range(8)]  # wide_flux's
 
 
 def dtype_for(device: str) -> torch.dtype:
@@ -68,7 +69,6 @@ def test_a_batch_of_another_dtype_is_rejected_with_the_cast_to_make():
         blockprune.compress(model, calibration=batches(6, "cpu"), device="cpu", **OPTIONS)
 
 
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_blockwise_backward_under_offload_gives_the_in_memory_gradients(device):
     trainable_blocks = ["transformer_blocks.0", "single_transformer_blocks.5"]
@@ -79,10 +79,9 @@ def test_blockwise_backward_under_offload_gives_the_in_memory_gradients(device):
         trainable = [p for name in trainable_blocks for p in model.get_submodule(name).parameters()]
         for parameter in trainable:
             parameter.requires_grad_(True)
-        blocks = [f"transformer_blocks.{i}" for i in range(2)] + [f"single_transformer_blocks.{i}" for i in range(8)]
         with contextlib.ExitStack() as stack:
             if offloaded:
-                offload = stack.enter_context(Offload(model, blocks, device))
+                offload = stack.enter_context(Offload(model, BLOCKS, device))
                 stack.enter_context(blockwise_backward(offload, trainable))
             else:
                 model.to(device)
@@ -123,9 +122,8 @@ def test_blockwise_backward_lets_the_saved_block_inputs_go_after_the_backward():
     trainable = list(model.get_submodule("single_transformer_blocks.2").parameters())
     for parameter in trainable:
         parameter.requires_grad_(True)
-    blocks = [f"transformer_blocks.{i}" for i in range(2)] + [f"single_transformer_blocks.{i}" for i in range(8)]
     seen = []
-    with Offload(model, blocks, "cpu") as offload, blockwise_backward(offload, trainable), \
+    with Offload(model, BLOCKS, "cpu") as offload, blockwise_backward(offload, trainable), \
             model.get_submodule("single_transformer_blocks.4").register_forward_pre_hook(
                 lambda module, args, kwargs: seen.append(weakref.ref(kwargs["hidden_states"])), with_kwargs=True):
         loss = model(**batches(1, "cpu")[0]).sample.pow(2).mean()
