@@ -47,6 +47,20 @@ def test_offload_moves_each_block_for_its_forward_and_keeps_pinned_ones():
         assert offload.moved == ["FluxTransformerBlock"] + ["FluxSingleTransformerBlock"] * 2
 
 
+def test_a_block_whose_forward_raises_is_put_back_all_the_same():
+    model = make_flux()
+    blocks = ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.1"]
+
+    def fail(module, args):
+        raise RuntimeError("planted failure")
+
+    with Offload(model, blocks, "cpu") as offload, torch.no_grad():
+        with model.get_submodule("single_transformer_blocks.0.attn").register_forward_pre_hook(fail):
+            with pytest.raises(RuntimeError, match="planted failure"):
+                model(**flux_batches(1)[0])
+        assert not offload.stash  # its weights point at their host memory again, not at the copies made for the run
+
+
 def test_offload_needs_a_device():
     with pytest.raises(BlockpruneError, match="offload=True needs device="):
         blockprune.compress(make_flux(), calibration=flux_batches(6), offload=True, **OPTIONS)

@@ -208,7 +208,7 @@ class Offload:
             self.prefetcher = Prefetcher(self.device, self.max_gpu_memory)
         self.handles = [
             module_hooks.register_module_forward_pre_hook(self._pre),
-            module_hooks.register_module_forward_hook(self._post),
+            module_hooks.register_module_forward_hook(self._post, always_call=True),  # also when forward raises
         ]
         return self
 
