@@ -22,17 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from selection import ADAPTER
 from toy_rows import image_scores
 
 import blockprune
+from blockprune import plugins
 from blockprune.runtime.forward import to_device
 from blockprune.scoring.auto import TRAJECTORY_STEPS, split_for_selection
 from blockprune.scoring.trajectory import latent_check, relative_error
 from blockprune.toy import ToyPipeline, calibration_batches, dataset_images, evaluation_prompts, generate
-
-ADAPTER = {"flux-small": "flux", "sd3-small": "sd3", "flux-deep": "flux"}
-TIME_SCALE = {"flux": 1.0, "sd3": 1000.0}
-
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -46,7 +44,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pipe = ToyPipeline.from_pretrained(args.model)
     calibration = to_device(calibration_batches(pipe, 32, seed=1000 + args.seed, batch_size=8), pipe.device)
     _, held = split_for_selection(calibration, 0.25)
-    check = latent_check(pipe.transformer, held[:8], TIME_SCALE[ADAPTER[args.model]], TRAJECTORY_STEPS)
+    time_scale = plugins.get_adapter(pipe.transformer, ADAPTER[args.model]).flow_time_scale
+    check = latent_check(pipe.transformer, held[:8], time_scale, TRAJECTORY_STEPS)
     with torch.no_grad():
         reference = check()
     prompts = evaluation_prompts(args.prompts, "train", seed=30_000)
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         blockprune.compress(model, adapter=ADAPTER[args.model], ratio=len(plan) / blocks, order=plan,
                             calibration=calibration, sandwich=False, seed=args.seed, progress=False, cache_dir=False)
         assert blockprune.plan(model).replaced_names == plan, blockprune.plan(model).replaced_names
-        check = latent_check(model.transformer, held[:8], TIME_SCALE[ADAPTER[args.model]], TRAJECTORY_STEPS)
+        check = latent_check(model.transformer, held[:8], time_scale, TRAJECTORY_STEPS)
         with torch.no_grad():
             row = {"plan": plan, "check_error": relative_error(check(), reference)}
         for steps, guidance in settings:

@@ -255,6 +255,19 @@ class Offload:
         return {f"{phase}.{kind}": n for (phase, kind), n in sorted(self.visits.items())}
 
     @contextlib.contextmanager
+    def visiting(self, module: nn.Module) -> Iterator[None]:
+        """Device copies of ``module``'s tensors in place for the ``with`` body, its own tensors back after: what
+        changed in the copies is dropped (tensors already on the device, e.g. trained ones, are used as they are)."""
+        stashed = [(t, t.data) for t in module_tensors(module)]
+        try:
+            for tensor, data in stashed:
+                tensor.data = data.to(self.device, non_blocking=True)
+            yield
+        finally:
+            for tensor, data in stashed:
+                tensor.data = data
+
+    @contextlib.contextmanager
     def pinned(self, names: Iterable[str]) -> Iterator[None]:
         """Keep the blocks ``names`` on the accelerator for the ``with`` body (e.g. while a span trains)."""
         names = [n for n in names if n not in self.pinned_names]

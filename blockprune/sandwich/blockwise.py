@@ -11,6 +11,7 @@ tensors (LoRA, surrogates) stay on the accelerator throughout, with their gradie
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +20,6 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..runtime.offload import Offload
-from ..runtime.prefetch import module_tensors
 from .training import training_attention
 
 
@@ -60,26 +60,8 @@ class _RecomputedBlock(torch.autograd.Function):
         return (None,) * 5 + tuple(t.grad if t.requires_grad else None for t in inputs)
 
 
-def _resident(offload: Offload, module: nn.Module) -> Callable[[], contextlib.AbstractContextManager]:
-    """A context that puts device copies of ``module``'s weights in place and takes them away after (unchanged:
-    only trainable tensors change, and those stay on the accelerator)."""
-
-    @contextlib.contextmanager
-    def resident() -> Iterator[None]:
-        stashed = [(t, t.data) for t in module_tensors(module)]
-        try:
-            for tensor, data in stashed:
-                tensor.data = data.to(offload.device, non_blocking=True)
-            yield
-        finally:
-            for tensor, data in stashed:
-                tensor.data = data
-
-    return resident
-
-
 def _wrapped(offload: Offload, module: nn.Module, original: Callable, spill: bool) -> Callable:
-    resident = _resident(offload, module)
+    resident = functools.partial(offload.visiting, module)  # weights unchanged: only trainable ones change
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
