@@ -41,6 +41,11 @@ def make_flux(seed: int = 0, double: int = 2, single: int = 2) -> FluxTransforme
     ).eval()
 
 
+def cast_batch(batch: dict, dtype: torch.dtype) -> dict:
+    """``batch`` with its floating tensors in ``dtype`` (the rest as they are)."""
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+
+
 def flux_batches(count: int, seed: int = 0, batch: int = 2, side: int = 4, text: int = 6) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import MODELS, flux_batches, make_flux
+from conftest import MODELS, cast_batch, flux_batches, make_flux
 from diffusers import FluxTransformer2DModel
 from diffusers.hooks import FirstBlockCacheConfig
 from diffusers.hooks._helpers import TransformerBlockRegistry
@@ -175,5 +175,5 @@ def test_loading_in_bfloat16_is_direct_and_prints_no_casting_warning(tmp_path):
     assert not [r for r in records if "Casting directly" in r.getMessage()]
     assert {t.dtype for t in [*loaded.parameters(), *loaded.buffers()] if t.is_floating_point()} == {torch.bfloat16}
     cast = copy.deepcopy(model).to(torch.bfloat16)
-    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+    half = cast_batch(batch, torch.bfloat16)
     assert _same_output(loaded, cast, half)

@@ -4,7 +4,7 @@ import io
 
 import pytest
 import torch
-from conftest import flux_batches, make_flux
+from conftest import cast_batch, flux_batches, make_flux
 from rich.console import Console
 
 import blockprune
@@ -103,8 +103,7 @@ def test_bad_guard_options_are_refused():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_models_train_on_the_cpu_and_keep_their_dtype(dtype):
     model = make_flux(double=2, single=2).to(dtype)
-    batches = [{k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in b.items()}
-               for b in flux_batches(6)]
+    batches = [cast_batch(b, dtype) for b in flux_batches(6)]
     blockprune.compress(model, ratio=0.5, calibration=batches, order="start2end", sandwich_steps=10,
                         sandwich_eval_every=5, heal_steps=5, **FAST)
     plan = plan_of(model)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import dit_batches, flux_batches, make_dit, make_flux
+from conftest import cast_batch, dit_batches, flux_batches, make_dit, make_flux
 from diffusers import FluxTransformer2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file, save_file
@@ -249,13 +249,10 @@ def test_index_entries_inside_the_folder_still_load(folder, saved_flux):
         assert torch.equal(output_tensor(loaded(**saved_flux[2])), output_tensor(saved_flux[1](**saved_flux[2])))
 
 
-def _bf16(batch):
-    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
-
-
 def test_the_saved_dtype_is_restored(tmp_path):
     model = make_dit().to(torch.bfloat16)
-    blockprune.compress(model, adapter="dit", ratio=0.5, calibration=[_bf16(b) for b in dit_batches(4)],
+    calibration = [cast_batch(b, torch.bfloat16) for b in dit_batches(4)]
+    blockprune.compress(model, adapter="dit", ratio=0.5, calibration=calibration,
                         sandwich=False, progress=False, cache_dir=False)
     blockprune.save_pretrained(model, tmp_path)
     loaded = blockprune.from_pretrained(tmp_path)
@@ -264,7 +261,8 @@ def test_the_saved_dtype_is_restored(tmp_path):
     assert floating and {t.dtype for t in floating} == {torch.bfloat16}
     with torch.no_grad():
         for batch in dit_batches(2, seed=3):
-            assert torch.equal(output_tensor(loaded(**_bf16(batch))), output_tensor(model(**_bf16(batch))))
+            half = cast_batch(batch, torch.bfloat16)
+            assert torch.equal(output_tensor(loaded(**half)), output_tensor(model(**half)))
     as_float = blockprune.from_pretrained(tmp_path, torch_dtype=torch.float32)  # an asked dtype still wins
     assert {t.dtype for t in [*as_float.parameters(), *as_float.buffers()] if t.is_floating_point()} == {torch.float32}
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import MODELS, flux_batches, make_flux
+from conftest import MODELS, cast_batch, flux_batches, make_flux
 from safetensors.torch import load_file, save_file
 
 import blockprune
@@ -88,7 +88,7 @@ def test_dtype_and_device_options(tmp_path):
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert {t.device for t in [*loaded.parameters(), *loaded.buffers()]} == {torch.device("cpu")}
     cast = copy.deepcopy(model).to(torch.bfloat16)
-    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in held_out[0].items()}
+    batch = cast_batch(held_out[0], torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(output_tensor(loaded(**batch)), output_tensor(cast(**batch)))
 

@@ -6,7 +6,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import flux_batches
+from conftest import cast_batch, flux_batches
 from test_offload_prefetch import OPTIONS, wide_flux
 
 import blockprune
@@ -27,9 +27,7 @@ def dtype_for(device: str) -> torch.dtype:
 
 
 def batches(count: int, device: str) -> list[dict]:
-    dtype = dtype_for(device)
-    return [{k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
-            for batch in flux_batches(count, seed=3, side=8, text=8)]
+    return [cast_batch(batch, dtype_for(device)) for batch in flux_batches(count, seed=3, side=8, text=8)]
 
 
 def model_for(device: str) -> torch.nn.Module:
