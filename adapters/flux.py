@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 from torch import nn
 
 from blockprune import Adapter, BlockSpec, hookimpl
@@ -19,6 +22,7 @@ class FluxAdapter(Adapter):
     name = "flux"
     chains_streams_by_name = True
     flow_time_scale = 1.0
+    text_inputs = ("encoder_hidden_states", "pooled_projections")
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ == "FluxTransformer2DModel"
@@ -28,6 +32,12 @@ class FluxAdapter(Adapter):
 
     def block_spec(self, name: str, block: nn.Module) -> BlockSpec:
         return TEXT_AND_IMAGE
+
+    def guidance_argument(self, pipeline: Any) -> str | None:
+        """diffusers' FLUX pipelines feed ``guidance_scale`` into the model (FLUX.1-dev's distilled guidance) and take
+        classifier-free guidance as ``true_cfg_scale``; other pipelines' ``guidance_scale`` is classifier-free."""
+        parameters = inspect.signature(pipeline.__call__).parameters
+        return "true_cfg_scale" if "true_cfg_scale" in parameters else "guidance_scale"
 
     def describe_batch(self) -> dict[str, str]:
         return {

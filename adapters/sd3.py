@@ -13,6 +13,7 @@ class SD3Adapter(Adapter):
     name = "sd3"
     chains_streams_by_name = True
     flow_time_scale = 1000.0
+    text_inputs = ("encoder_hidden_states", "pooled_projections")
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ == "SD3Transformer2DModel"

@@ -5,8 +5,8 @@
     python benchmarks/selection.py --quick --output /tmp/s                # CPU smoke run (tiny counts)
 
 Each row compresses a copy of the model with one way of choosing blocks (the fixed orders, each built-in
-forward metric, ``output_mse`` with ``ablation="replace"``, ``auto`` checking candidates on sampled images,
-and ``auto`` checking them on a latent trajectory as it does for a bare transformer), then samples the same prompts and
+forward metric, ``output_mse`` with ``ablation="replace"``, ``auto`` checking candidates on a latent trajectory
+guided as the pipeline samples, and the same unguided), then samples the same prompts and
 noise as the unpruned model: teacher PSNR / SSIM, attribute accuracy, the checker's Fréchet distance, and the
 compress wall time. ``auto`` also reports every candidate's held-out output error. A table is printed last.
 """
@@ -44,8 +44,10 @@ SIGNALS = {  # label -> compress options
     "output_mse": {"importance": "output_mse"},
     "output_mse/replace": {"importance": "output_mse", "ablation": "replace"},
     "block_influence": {"importance": "block_influence"},
-    "auto": {"importance": "auto"},  # given the pipeline: checks candidates on sampled images
-    "auto/trajectory": {"importance": "auto", "auto_check": "trajectory"},  # as on a bare transformer
+    # the default; given the pipeline and batches of unknown prompts, it checks a latent trajectory guided as the
+    # pipeline samples (scale 2 for the toy models)
+    "auto": {"importance": "auto"},
+    "auto/unguided": {"importance": "auto", "guidance_scale": 1.0},  # the trajectory unguided, as before guidance
 }
 
 

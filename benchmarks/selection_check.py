@@ -5,7 +5,8 @@
 
 Each plan's blocks are replaced by least-squares fits (no sandwich training), as ``benchmarks/selection.py``
 does, and the compressed model is compared with the unpruned one by: the held-out latent trajectory error that
-``importance="auto"`` checks (8 unguided Euler steps from seeded noise, the held-out batches' text), and
+``importance="auto"`` checks (8 Euler steps from seeded noise, the held-out batches' text), unguided as it was
+and guided at the pipeline's scale as it is now, and
 teacher PSNR of sampled images at 8 and 20 steps, unguided and with the model's guidance. The column where the
 plans' order flips is the difference that misleads the check. A table is printed last; JSON to --output.
 """
@@ -29,8 +30,16 @@ import blockprune
 from blockprune import plugins
 from blockprune.runtime.forward import to_device
 from blockprune.scoring.auto import TRAJECTORY_STEPS, split_for_selection
+from blockprune.scoring.guidance import resolve_guidance
 from blockprune.scoring.trajectory import latent_check, relative_error
-from blockprune.toy import ToyPipeline, calibration_batches, dataset_images, evaluation_prompts, generate
+from blockprune.toy import (
+    ToyPipeline,
+    calibration_batches,
+    dataset_images,
+    evaluation_prompts,
+    generate,
+)
+
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -44,10 +53,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pipe = ToyPipeline.from_pretrained(args.model)
     calibration = to_device(calibration_batches(pipe, 32, seed=1000 + args.seed, batch_size=8), pipe.device)
     _, held = split_for_selection(calibration, 0.25)
-    time_scale = plugins.get_adapter(pipe.transformer, ADAPTER[args.model]).flow_time_scale
-    check = latent_check(pipe.transformer, held[:8], time_scale, TRAJECTORY_STEPS)
+    adapter = plugins.get_adapter(pipe.transformer, ADAPTER[args.model])
+    guidance = resolve_guidance(adapter, pipe, None, None)  # the pipeline's own scale, as compress takes it
+    time_scale = adapter.flow_time_scale
+    checks = {"check_error": None, "guided_check_error": guidance}
     with torch.no_grad():
-        reference = check()
+        references = {k: latent_check(pipe.transformer, held[:8], time_scale, TRAJECTORY_STEPS, g)()
+                      for k, g in checks.items()}
     prompts = evaluation_prompts(args.prompts, "train", seed=30_000)
     seeds = list(range(30_000, 30_000 + args.prompts))
     truth = dataset_images(prompts, seed=30_000)
@@ -60,9 +72,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         blockprune.compress(model, adapter=ADAPTER[args.model], ratio=len(plan) / blocks, order=plan,
                             calibration=calibration, sandwich=False, seed=args.seed, progress=False, cache_dir=False)
         assert blockprune.plan(model).replaced_names == plan, blockprune.plan(model).replaced_names
-        check = latent_check(model.transformer, held[:8], time_scale, TRAJECTORY_STEPS)
         with torch.no_grad():
-            row = {"plan": plan, "check_error": relative_error(check(), reference)}
+            row = {"plan": plan, **{k: relative_error(latent_check(model.transformer, held[:8], time_scale,
+                                                                   TRAJECTORY_STEPS, g)(), references[k])
+                                    for k, g in checks.items()}}
         for steps, guidance in settings:
             images = generate(model, prompts, seeds, steps, guidance)
             row[f"psnr_{steps}_steps_guidance_{guidance:g}"] = image_scores(images, teachers[steps, guidance],

@@ -28,11 +28,16 @@ class Adapter:
     a ``timestep`` equal to the noise level times this scale, and returns a velocity shaped like the latents
     (FLUX: 1, SD3: 1000): ``importance="auto"`` then checks plans over a short latent trajectory when no
     pipeline is at hand.
+
+    Set ``text_inputs`` to the forward arguments that carry the prompt: with a pipeline that samples with
+    classifier-free guidance, those trajectories are guided, the empty prompt's inputs swapped in for them
+    (:mod:`blockprune.scoring.guidance`).
     """
 
     name: str = ""
     chains_streams_by_name: bool = False
     flow_time_scale: float | None = None
+    text_inputs: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -73,6 +78,10 @@ class Adapter:
         (``height``, ``width``, when the caller gives them) are passed on to the pipeline."""
         pipe(prompt=prompt, num_inference_steps=num_inference_steps, generator=generator, output_type="latent",
              **options)
+
+    def guidance_argument(self, pipeline: Any) -> str | None:
+        """The argument of ``pipeline``'s call that sets its classifier-free guidance scale (``None``: it has none)."""
+        return "guidance_scale"
 
     def describe_batch(self) -> dict[str, str]:
         """What each key of a calibration batch (the transformer's forward keyword arguments) holds, with its

@@ -19,6 +19,7 @@ from typing import Any
 from .errors import BlockpruneError
 from .option_checks import (
     boolean,
+    cfg_scale,
     check_call_options,
     folder,
     memory_size,
@@ -133,6 +134,9 @@ class CompressConfig:
     steps_per_prompt: int = field(default=2, metadata=OUTSIDE_KEY)  # transformer calls kept per prompt
     # more keyword arguments of the pipeline call: height, width, guidance_scale, max_sequence_length ...
     calibration_call_options: Mapping[str, Any] | None = field(default=None, metadata=OUTSIDE_KEY)
+    # the classifier-free guidance scale the model will sample with: the trajectory checks of importance="auto"
+    # and of the heal guard step with it (1: unguided). Default: the pipeline's own; unguided without a pipeline
+    guidance_scale: float | None = None
     # keep blocks on the CPU, moving each to the device only while it runs or trains
     offload: bool = field(default=False, metadata=OUTSIDE_KEY)
     # with offload on a CUDA GPU: the GPU memory the run may hold (bytes, or "8GiB"); more blocks are prefetched
@@ -158,6 +162,7 @@ class CompressConfig:
             positive_int(name, getattr(self, name))
         for name in ("offload", "keep_activations"):
             boolean(name, getattr(self, name))
+        cfg_scale(self.guidance_scale)
         folder("workdir", self.workdir)
         if self.max_gpu_memory is not None:
             if not self.offload:

@@ -24,6 +24,15 @@ def positive_number(name: str, value: Any) -> None:
         raise BlockpruneError(f"{name} must be a positive number, got {value!r}")
 
 
+def cfg_scale(value: Any) -> None:
+    """Refuse a ``guidance_scale`` option that is not ``None`` or a finite number ≥ 1."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 1):
+        raise BlockpruneError(f"guidance_scale must be a finite number ≥ 1 (1: no guidance), or None to take the "
+                              f"pipeline's, got {value!r}")
+
+
 def boolean(name: str, value: Any) -> None:
     """Refuse anything but ``True`` or ``False``."""
     if not isinstance(value, bool):

@@ -120,7 +120,7 @@ class Progressive:
         if healing and not (self.workdir is not None and self.workdir.has_stages(self.count + 1)):
             with self._timed("heal"):
                 targets = (reference_outputs(self.run.transformer, self.train),
-                           reference_check(self.run.transformer, self.run.adapter, self.held))
+                           reference_check(self.run.transformer, self.run.adapter, self.held, self.run.guidance))
         for step in range(self.count):
             saved = None
             if self.workdir is not None:
@@ -157,7 +157,7 @@ class Progressive:
         surrogates = [b.name for b in self.run.blocks if b.name in self.replaced]
         with self._timed("heal"), training_progress(training_bar(bars)):
             report = heal(model, self.run.adapter, kept, surrogates, self.train, train_targets, self.held,
-                          held_reference, self.sandwich, self.seed + self.count, self.run.offload)
+                          held_reference, self.sandwich, self.seed + self.count, self.run.offload, self.run.guidance)
         self.plan.heal = asdict(report)
         logger.info("healing: held-out output error %.4g → %.4g%s", report.relative_error_before,
                     report.relative_error_after, " (reverted: no step beat the start)" if report.reverted else "")

@@ -77,7 +77,8 @@ def stages_table(plan: Plan) -> Table:
         table.caption = (f"healing: held-out output error {heal['relative_error_before']:.4g} → "
                          f"{heal['relative_error_after']:.4g}, kept step "
                          f"{_kept(heal['best_step'], heal['steps_run'])}"
-                         + ("" if heal["lr"] is None else f", rate {heal['lr']:g}"))
+                         + ("" if heal["lr"] is None else f", rate {heal['lr']:g}")
+                         + _guided(heal.get("guidance_scale", 1.0)))
     return table
 
 
@@ -88,13 +89,19 @@ def _kept(best_step: int | None, steps_run: int | None) -> str:
     return "reverted" if best_step == 0 else f"{best_step}/{steps_run}"
 
 
+def _guided(scale: float) -> str:
+    """", guided at scale 2" for a check guided against the empty prompt; nothing for an unguided one."""
+    return "" if scale == 1 else f", guided at scale {scale:g}"
+
+
 def selection_table(plan: Plan) -> Table:
     """importance="auto": each candidate plan's relative output error on the held-out batches, best first."""
     selection = plan.selection
     checked = {"images": "sampled images", "trajectory": "a latent trajectory from",
                "outputs": "the one-step outputs of"}.get(selection.get("checked_on"), "the outputs of")
     title = (f"block selection (importance='auto'): the plan's blocks fitted on {selection['fit_batches']} batches, "
-             f"checked on {checked}" + ("" if checked == "sampled images" else f" {selection['held_batches']} held out"))
+             f"checked on {checked}" + ("" if checked == "sampled images" else f" {selection['held_batches']} held out")
+             + _guided(selection.get("guidance_scale", 1.0)))
     table = Table(title=title, box=box.SIMPLE)
     for column in ("candidate", "held-out rel. error", ""):
         table.add_column(column, justify="left" if column != "held-out rel. error" else "right")

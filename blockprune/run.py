@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from .errors import BlockpruneError
 from .plan import transformer_of
 from .progress import progress_bars
 from .runtime.offload import Offload
+from .scoring.guidance import Guidance, resolve_guidance
 
 
 @dataclass
@@ -43,6 +45,12 @@ class Run:
         """The first ``score_batches`` calibration batches (all by default)."""
         count = self.config.scoring.score_batches
         return self.batches[:count] if count else self.batches
+
+    @functools.cached_property
+    def guidance(self) -> Guidance | None:
+        """The guidance the trajectory checks step with (``None``: unguided); resolved once, on first use."""
+        return resolve_guidance(self.adapter, self.pipeline, self.config.guidance_scale,
+                                self.config.calibration_call_options)
 
     @property
     def metric_options(self) -> dict[str, Any]:

@@ -67,6 +67,9 @@ def warn_unused_in_compress(given: Iterable[str], settings: CompressConfig, *, s
         reasons.update({n: "with a fixed order= no block is scored" for n in scoring if n not in reasons})
     if not (isinstance(importance, str) and importance == "auto"):
         reasons.update({n: "it is used only with importance='auto'" for n in AUTO_ONLY if n not in reasons})
+    auto = order == "importance" and isinstance(importance, str) and importance == "auto"
+    if not (auto or (sandwich and settings.sandwich.heal_steps > 0)):
+        reasons.setdefault("guidance_scale", "it guides the checks of importance='auto' and of healing, and neither runs")
     if not trainable:
         reasons.setdefault("sandwich_train_surrogates", f"surrogate={settings.surrogate!r} has no trainable maps")
     reasons.update({n: why for n, why in _recording_reason(recording).items() if n not in reasons})
@@ -76,6 +79,7 @@ def warn_unused_in_compress(given: Iterable[str], settings: CompressConfig, *, s
 def warn_unused_in_importance(given: Iterable[str], *, recording: bool) -> None:
     """Warn about each ``given`` option that ``importance`` does not use (it scores blocks, nothing more)."""
     why = "importance() only scores blocks"
-    reasons = dict.fromkeys([*sandwich_option_names(), *AUTO_ONLY, "workdir", "keep_activations", "reuse_from"], why)
+    reasons = dict.fromkeys([*sandwich_option_names(), *AUTO_ONLY, "guidance_scale", "workdir", "keep_activations",
+                             "reuse_from"], why)
     reasons.update(_recording_reason(recording))
     _warn({name: reasons[name] for name in given if name in reasons})

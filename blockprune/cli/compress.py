@@ -106,6 +106,9 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
                         "on one-step outputs")
     parser.add_argument("--auto-check-batches", dest="auto_check_batches", type=int, metavar="N",
                         help="importance auto: held-out batches a trajectory or outputs check runs on (default 8)")
+    parser.add_argument("--guidance-scale", dest="guidance_scale", type=float, metavar="S",
+                        help="the classifier-free guidance scale you sample with: importance auto's trajectory check "
+                        "and the heal guard step with it (default: the pipeline's; 1: unguided)")
     parser.add_argument("--rescore", choices=("once", "each"),
                         help="score blocks once (the paper) or again after each replacement (default once)")
     parser.add_argument("--reuse-from", dest="reuse_from", metavar="DIR",

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..runtime.offload import Offload
-from .training import training_attention
+from .training import checkpointed, training_attention
 
 
 class _RecomputedBlock(torch.autograd.Function):
@@ -88,6 +88,22 @@ def _wrapped(offload: Offload, module: nn.Module, original: Callable, spill: boo
 
 
 @contextlib.contextmanager
+def _forwards_wrapped(modules: list[nn.Module], wrap: Callable[[nn.Module, Callable], Callable]) -> Iterator[None]:
+    """Inside: each module's forward is ``wrap(module, forward)``; on exit its own forward is back."""
+    own = [module.__dict__.get("forward") for module in modules]  # a forward set on the instance, e.g. by a hook
+    for module in modules:
+        module.forward = wrap(module, module.forward)
+    try:
+        yield
+    finally:
+        for module, forward in zip(modules, own):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+@contextlib.contextmanager
 def blockwise_backward(offload: Offload, trainable: list[torch.Tensor]) -> Iterator[None]:
     """Inside: gradients flow through ``offload``'s blocks one resident block at a time (module docstring), and
     ``trainable`` sits on the accelerator. With the offload's ``max_gpu_memory`` set, each block's saved inputs
@@ -96,19 +112,27 @@ def blockwise_backward(offload: Offload, trainable: list[torch.Tensor]) -> Itera
     modules = [offload.model.get_submodule(name) for name in offload.blocks]
     for tensor in trainable:
         tensor.data = tensor.data.to(offload.device)
-    own = [module.__dict__.get("forward") for module in modules]  # a forward set on the instance, e.g. by a hook
-    for module in modules:
-        module.forward = _wrapped(offload, module, module.forward, spill)
     offload.recomputed_backward = True
     try:
-        yield
+        with _forwards_wrapped(modules, lambda module, forward: _wrapped(offload, module, forward, spill)):
+            yield
     finally:
         offload.recomputed_backward = False
-        for module, forward in zip(modules, own):
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
         for tensor in trainable:
             tensor.grad = None
             tensor.data = tensor.data.to("cpu")
+
+
+def checkpointed_blocks(modules: list[nn.Module], device: torch.device) -> contextlib.AbstractContextManager:
+    """Inside: each of ``modules`` run with gradients keeps no activations, its backward recomputes them (healing
+    in memory with ``sandwich_gradient_checkpointing``: the whole model's activations need not fit at once)."""
+
+    def wrap(module: nn.Module, forward: Callable) -> Callable:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpointed(forward, device, *args, **kwargs)
+
+        return run
+
+    return _forwards_wrapped(modules, wrap)

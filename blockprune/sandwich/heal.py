@@ -27,8 +27,9 @@ from ..runtime.offload import Offload
 from ..scoring.auto import (
     TRAJECTORY_STEPS,  # the guard's trajectory is as long as auto's plan checks
 )
+from ..scoring.guidance import Guidance
 from ..scoring.trajectory import latent_check, relative_error
-from .blockwise import blockwise_backward
+from .blockwise import blockwise_backward, checkpointed_blocks
 from .guard import guarded_training
 from .lora import add_lora, merge_lora, remove_lora
 from .training import autocast, guard_settings, training_attention
@@ -49,6 +50,7 @@ class HealReport:
     lora_blocks: list[str] = field(default_factory=list)
     surrogates: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    guidance_scale: float = 1.0  # the guard's trajectory was guided with this scale (1: unguided)
 
     @property
     def reverted(self) -> bool:
@@ -64,22 +66,25 @@ def reference_outputs(model: nn.Module, batches: list[dict[str, Any]]) -> list[t
     return [output_tensor(forward_batch(model, batch, index)).detach().cpu() for index, batch in enumerate(batches)]
 
 
-def guard_check(model: nn.Module, adapter: Adapter,
-                held: list[dict[str, Any]]) -> tuple[str, Callable[[], list[torch.Tensor]]]:
-    """The guard's measurement on ``model`` as it is: ``(kind, function returning the tensors)``."""
+def guard_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]],
+                guidance: Guidance | None = None) -> tuple[str, Callable[[], list[torch.Tensor]]]:
+    """The guard's measurement on ``model`` as it is: ``(kind, function returning the tensors)``; trajectories are
+    guided with ``guidance``."""
     kind = "trajectory" if adapter.flow_time_scale is not None else "outputs"
-    return kind, latent_check(model, held[:CHECK_BATCHES], adapter.flow_time_scale, TRAJECTORY_STEPS)
+    return kind, latent_check(model, held[:CHECK_BATCHES], adapter.flow_time_scale, TRAJECTORY_STEPS, guidance)
 
 
-def reference_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]]) -> list[torch.Tensor]:
+def reference_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]],
+                    guidance: Guidance | None = None) -> list[torch.Tensor]:
     """The guard's measurement on the unpruned model, on the CPU."""
     with torch.no_grad():
-        return [t.detach().cpu() for t in guard_check(model, adapter, held)[1]()]
+        return [t.detach().cpu() for t in guard_check(model, adapter, held, guidance)[1]()]
 
 
 def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[str], train: list[dict],
          train_targets: list[torch.Tensor], held: list[dict], held_reference: list[torch.Tensor],
-         options: SandwichConfig, seed: int, offload: Offload | None = None) -> HealReport:
+         options: SandwichConfig, seed: int, offload: Offload | None = None,
+         guidance: Guidance | None = None) -> HealReport:
     """Train LoRA on the ``kept`` blocks and the ``surrogates`` in full to ``train_targets``, guarded by
     :func:`guard_check` against ``held_reference`` (:func:`reference_check` of the unpruned model); merge; report.
 
@@ -93,7 +98,7 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
     dtypes = {name: next(modules[name].parameters()).dtype for name in surrogates}
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     world, rank = distributed.world_size(), distributed.rank() if distributed.active() else 0
-    kind, measure = guard_check(model, adapter, held)
+    kind, measure = guard_check(model, adapter, held, guidance)
 
     def held_error() -> float:
         with torch.no_grad(), autocast(device):
@@ -114,7 +119,7 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
             lora_blocks = _make_trainable(modules, adapter, kept, surrogates, options)
             trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
             settings = guard_settings(options, steps=options.heal_steps)
-            with blockwise_backward(offload, trainable) if offload is not None else contextlib.nullcontext():
+            with _backward_memory(offload, trainable, list(modules.values()), options, device):
                 result = guarded_training(trainable, step_loss, held_error, len(train), settings, seed,
                                           "global healing")
         except BaseException:
@@ -132,7 +137,18 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
     _reset_requires_grad(model, requires_grad)
     return HealReport(options.heal_steps, result.steps_run, result.best_step, result.error_before, result.error_after,
                       result.lr, result.lr_errors, kind, lora_blocks, list(surrogates) if options.train_surrogates else [],
-                      time.perf_counter() - started)
+                      time.perf_counter() - started, guidance.scale if guidance and kind == "trajectory" else 1.0)
+
+
+def _backward_memory(offload: Offload | None, trainable: list[torch.Tensor], blocks: list[nn.Module],
+                     options: SandwichConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """How the backward fits: one resident block at a time under offload, else each block recomputed with
+    ``gradient_checkpointing``, else the whole graph kept."""
+    if offload is not None:
+        return blockwise_backward(offload, trainable)
+    if options.gradient_checkpointing:
+        return checkpointed_blocks(blocks, device)
+    return contextlib.nullcontext()
 
 
 def _make_trainable(modules: dict[str, nn.Module], adapter: Adapter, kept: list[str], surrogates: list[str],

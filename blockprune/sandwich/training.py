@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,14 +26,19 @@ def _call(module: nn.Module, arguments: dict[str, Any], use_checkpoint: bool) ->
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         arguments = {k: v for k, v in arguments.items() if k in parameters}
     if use_checkpoint and torch.is_grad_enabled():
-        device = next(module.parameters()).device
-
-        def run(**inputs: Any) -> Any:  # the backward's recompute must pick the forward's attention kernels again
-            with training_attention(device):
-                return module(**inputs)
-
-        return checkpoint(run, use_reentrant=False, **arguments)
+        return checkpointed(module, next(module.parameters()).device, **arguments)
     return module(**arguments)
+
+
+def checkpointed(call: Callable[..., Any], device: torch.device, *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)`` under torch's non-reentrant checkpoint: its activations are recomputed in the
+    backward, which must pick the forward's attention kernels again (:func:`training_attention`)."""
+
+    def run(*inner_args: Any, **inner_kwargs: Any) -> Any:
+        with training_attention(device):
+            return call(*inner_args, **inner_kwargs)
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 def span_forward(modules: list[nn.Module], span: list[Block], sample: SpanSample, use_checkpoint: bool = False) -> dict[str, torch.Tensor]:

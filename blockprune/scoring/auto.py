@@ -8,7 +8,8 @@ one-step output check picking plans 3 to 7 dB worse than the best signal): on im
 trajectory when a pipeline is at hand and the calibration's prompts are known (it was recorded from the
 pipeline, or ``generation_prompts`` are given); otherwise, for rectified-flow models (the adapter's
 ``flow_time_scale``), on latents drawn from seeded noise over a few Euler steps, conditioned on the
-held-out batches' text; otherwise on images, with a pipeline, or on the held-out batches' one-step outputs. A greedy refinement then
+held-out batches' text and guided as the pipeline samples (:mod:`blockprune.scoring.guidance`); otherwise
+on images, with a pipeline, or on the held-out batches' one-step outputs. A greedy refinement then
 tries swapping blocks of the best plan for the next ones in its ranking, and keeps a swap only when the
 error falls on each half of the check (greedy makes many comparisons on a small check: one half alone
 is often noise). The winner is therefore never worse, by that check, than any candidate, the simpler default
@@ -206,9 +207,10 @@ def _measure(run: Run, kind: str, held: list[dict]) -> Callable[[], list[torch.T
     if kind == "images":
         settings = generation_settings(ScoringContext(run.transformer, run.adapter, [], [], run.pipeline, options))
         return lambda: [run.adapter.generate(run.pipeline, settings["prompts"], settings["seeds"], settings["steps"])]
-    scale = run.adapter.flow_time_scale if kind == "trajectory" else None
-    return latent_check(run.transformer, held[: run.config.scoring.auto_check_batches], scale,
-                        int(options["generation_steps"]))
+    if kind == "outputs":
+        return latent_check(run.transformer, held[: run.config.scoring.auto_check_batches], None, 0)
+    return latent_check(run.transformer, held[: run.config.scoring.auto_check_batches], run.adapter.flow_time_scale,
+                        int(options["generation_steps"]), run.guidance)
 
 
 def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None) -> ImportanceTable:
@@ -245,6 +247,7 @@ def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None) -> 
     values = {c.name: c.values for c in candidates if c.values is not None}
     selection = {"candidates": errors, "chosen": chosen, "fit_batches": len(fit), "held_batches": len(held),
                  "evaluations": len(evaluator.errors), "checked_on": kind,
+                 "guidance_scale": run.guidance.scale if kind == "trajectory" and run.guidance else 1.0,
                  "seconds": {"signals": signals_seconds, "fits": evaluator.fit_seconds,
                              "checks": time.perf_counter() - started - evaluator.fit_seconds}}
     return ImportanceTable(names, values, {name: float(name == best.name) for name in values},
