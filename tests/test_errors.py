@@ -9,6 +9,7 @@ from conftest import SwapNet, flux_batches, make_flux, make_sd3
 import blockprune
 from blockprune import plugins
 from blockprune.errors import BlockpruneError, NonFiniteActivationError
+from blockprune.runtime.forward import forward_batch
 
 
 def _compress(model=None, **kwargs):
@@ -123,3 +124,23 @@ def test_not_a_model():
 def test_sd3_model_with_flux_batches_is_rejected_clearly():
     with pytest.raises(BlockpruneError, match="SD3Transformer2DModel.forward"):
         _compress(make_sd3(), adapter="sd3")
+
+
+class _OutOfMemory(torch.nn.Module):
+    """A model whose forward runs out of memory, as FLUX.1-dev's healing did at batches of 4 on one H200."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, **inputs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.05 GiB")
+
+
+def test_a_batch_of_another_dtype_gets_the_cast_to_make_but_running_out_of_memory_does_not():
+    batch = flux_batches(1)[0]  # float32
+    with pytest.raises(BlockpruneError, match=r"float32 and the model's weights torch.float64: .*cast them to torch.float64"):
+        forward_batch(make_flux().double(), batch, 0)
+    with pytest.raises(BlockpruneError, match="OutOfMemoryError: CUDA out of memory") as caught:
+        forward_batch(_OutOfMemory(), batch, 0)
+    assert "cast them" not in str(caught.value)  # the dtypes differ, but they are not the cause

@@ -103,7 +103,8 @@ def forward_batch(model: nn.Module, batch: Mapping[str, Any], index: int) -> Any
     except Exception as error:
         raise BlockpruneError(
             f"{type(model).__name__}.forward rejected calibration batch {index} "
-            f"(keys: {', '.join(batch)}): {type(error).__name__}: {error}{dtype_hint(model, batch)}"
+            f"(keys: {', '.join(batch)}): {type(error).__name__}: {error}"
+            f"{'' if isinstance(error, torch.OutOfMemoryError) else dtype_hint(model, batch)}"
         ) from error
 
 
