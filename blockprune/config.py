@@ -87,7 +87,7 @@ class SandwichConfig:
     lora_rank: int = 16  # rank of the LoRA on the span's unreplaced blocks
     lora_alpha: float = 16.0  # LoRA scaling numerator (the update is scaled by alpha / rank)
     lora_targets: tuple[str, ...] | None = None  # module names inside a block; default: the adapter's
-    gradient_checkpointing: bool = False  # recompute block activations in the backward pass (less memory)
+    gradient_checkpointing: bool = False  # recompute block activations in the backward (sandwich spans, healing)
     train_surrogates: bool = True  # train the span's linear layers in full; False: they keep their fit (or Y = X)
     # bytes of recorded activations kept in RAM before spilling to disk
     activation_budget: int = field(default=8 * 2**30, metadata=OUTSIDE_KEY)

@@ -24,7 +24,7 @@ from .errors import BlockpruneError
 from .plan import transformer_of
 from .progress import progress_bars
 from .runtime.offload import Offload
-from .scoring.guidance import Guidance, resolve_guidance
+from .scoring.guidance import Guidance, check_guidance_source, resolve_guidance
 
 
 @dataclass
@@ -48,7 +48,10 @@ class Run:
 
     @functools.cached_property
     def guidance(self) -> Guidance | None:
-        """The guidance the trajectory checks step with (``None``: unguided); resolved once, on first use."""
+        """The guidance the trajectory checks step with (``None``: unguided, or no trajectory to check, the adapter not
+        being a rectified-flow one); resolved once, on first use."""
+        if self.adapter.flow_time_scale is None:
+            return None
         return resolve_guidance(self.adapter, self.pipeline, self.config.guidance_scale,
                                 self.config.calibration_call_options)
 
@@ -75,6 +78,7 @@ def prepare_run(
     transformer = transformer_of(model)
     _check_not_meta(transformer)
     pipeline = None if model is transformer else model
+    check_guidance_source(config.guidance_scale, pipeline)
     chosen = plugins.get_adapter(transformer, adapter)
     offload = None
     if config.offload:

@@ -1,10 +1,12 @@
 """Trajectory checks: importance="auto" and the heal guard step as the user's sampler does, guided, on enough noise."""
 
+import io
 import warnings
 
 import pytest
 import torch
 from conftest import flux_batches, make_flux
+from rich.console import Console
 from test_toy_pipeline import tiny_toy_pipeline
 from tiny_pipelines import TEXT_LENGTH, recorded_calibration, tiny_flux_pipeline
 
@@ -12,9 +14,14 @@ import blockprune
 from blockprune import plugins
 from blockprune.discovery.resolve import resolve_blocks
 from blockprune.errors import BlockpruneError, UnusedOptionWarning
+from blockprune.report import selection_table, stages_table
 from blockprune.scoring.auto import TRAJECTORY_STEPS, PlanEvaluator, split_for_selection
 from blockprune.scoring.guidance import pipeline_guidance_scale, resolve_guidance
-from blockprune.scoring.trajectory import MIN_TRAJECTORIES, flow_trajectory, latent_check
+from blockprune.scoring.trajectory import (
+    MIN_TRAJECTORIES,
+    flow_trajectory,
+    latent_check,
+)
 from blockprune.toy import ToyPipeline, calibration_batches
 from blockprune.toy.models import transformer_inputs
 
@@ -73,6 +80,13 @@ def test_auto_and_the_heal_guard_report_the_guidance_they_checked_with():
     assert guided.heal["guidance_scale"] == 2.0 and unguided.heal["guidance_scale"] == 1.0
     assert unguided.selection["guidance_scale"] == 1.0
     assert guided.selection["candidates"] != unguided.selection["candidates"]
+    shown = {}
+    for name, plan in runs.items():
+        console = Console(file=io.StringIO(), width=240)
+        console.print(selection_table(plan))
+        console.print(stages_table(plan))
+        shown[name] = console.file.getvalue()
+    assert shown[None].count("guided at scale 2") == 2 and "guided" not in shown[1.0]  # the selection and healing
 
 
 def test_diffusers_flux_takes_classifier_free_guidance_from_true_cfg_scale():

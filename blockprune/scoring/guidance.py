@@ -71,14 +71,19 @@ def pipeline_guidance_scale(adapter: Any, pipeline: Any, call_options: Mapping[s
     return float(scale) if isinstance(scale, numbers.Real) and not isinstance(scale, bool) else 1.0
 
 
+def check_guidance_source(guidance_scale: float | None, pipeline: Any) -> None:
+    """Refuse a guidance scale above 1 without a pipeline to encode the empty prompt with (before any work)."""
+    if pipeline is None and guidance_scale is not None and guidance_scale != 1:
+        raise BlockpruneError(f"guidance_scale={guidance_scale:g} needs the pipeline, to encode the empty prompt "
+                              "that guidance steers away from: pass the pipeline to compress, not its transformer")
+
+
 def resolve_guidance(adapter: Any, pipeline: Any, guidance_scale: float | None,
                      call_options: Mapping[str, Any] | None) -> Guidance | None:
     """What the trajectory checks guide with: ``None`` for unguided sampling (see the module docstring)."""
+    check_guidance_source(guidance_scale, pipeline)
     explicit = guidance_scale is not None
     if pipeline is None:
-        if explicit and guidance_scale != 1:
-            raise BlockpruneError(f"guidance_scale={guidance_scale:g} needs the pipeline, to encode the empty prompt "
-                                  "that guidance steers away from: pass the pipeline to compress, not its transformer")
         return None
     scale = float(guidance_scale) if explicit else pipeline_guidance_scale(adapter, pipeline, call_options)
     if scale == 1:
