@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
+from diffusers import DiffusionPipeline
 from torch import nn
 
 from blockprune import Adapter, BlockSpec, hookimpl
@@ -34,10 +34,11 @@ class FluxAdapter(Adapter):
         return TEXT_AND_IMAGE
 
     def guidance_argument(self, pipeline: Any) -> str | None:
-        """diffusers' FLUX pipelines feed ``guidance_scale`` into the model (FLUX.1-dev's distilled guidance) and take
-        classifier-free guidance as ``true_cfg_scale``; other pipelines' ``guidance_scale`` is classifier-free."""
-        parameters = inspect.signature(pipeline.__call__).parameters
-        return "true_cfg_scale" if "true_cfg_scale" in parameters else "guidance_scale"
+        """None for diffusers' FLUX pipelines: they feed ``guidance_scale`` into the model (FLUX.1-dev's distilled
+        guidance), and apply classifier-free guidance (``true_cfg_scale``, where they have it) only against a
+        negative prompt; pass ``guidance_scale=`` to compress to check guided against the empty prompt. Other
+        pipelines' ``guidance_scale`` (the project's toy models) is classifier-free."""
+        return None if isinstance(pipeline, DiffusionPipeline) else "guidance_scale"
 
     def describe_batch(self) -> dict[str, str]:
         return {

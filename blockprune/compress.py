@@ -31,6 +31,7 @@ from .runtime.workdir import Workdir
 from .sandwich.reuse import LOG_ATTRIBUTE, assemble
 from .scoring import resolve_metrics
 from .scoring.auto import AUTO
+from .scoring.guidance import check_guidance_source
 from .scoring.selection import ImportanceTable, score_run
 from .unused_options import (
     given_options,
@@ -79,6 +80,7 @@ def _workdir(run: Run, result: Plan, sandwich: SandwichConfig | None) -> Workdir
         "importance": result.importance,
         "seed": result.seed,
         **run.config.resume_key(sandwich=sandwich is not None),
+        "guidance_scale": run.guidance_scale,  # the scale the checks step with, wherever it came from
     }
     folder = run.config.workdir
     if distributed.is_main():
@@ -137,6 +139,7 @@ def compress(
     torch.manual_seed(seed)
     with contextlib.ExitStack() as stack:
         stack.enter_context(evaluation_mode(transformer))  # no dropout; the caller's modes come back after
+        check_guidance_source(settings.guidance_scale, None if model is transformer else model)
         run = prepare_run(model, adapter, calibration, device, settings, stack, progress=progress)
         result = Plan(run.adapter.name, ratio, order, [b.name for b in run.blocks], seed=seed, importance=dict(weights))
         result.sandwich = asdict(sandwich_config) if sandwich_config else {}

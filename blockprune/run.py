@@ -24,7 +24,7 @@ from .errors import BlockpruneError
 from .plan import transformer_of
 from .progress import progress_bars
 from .runtime.offload import Offload
-from .scoring.guidance import Guidance, check_guidance_source, resolve_guidance
+from .scoring.guidance import Guidance, guidance_scale, resolve_guidance
 
 
 @dataclass
@@ -56,6 +56,13 @@ class Run:
                                 self.config.calibration_call_options)
 
     @property
+    def guidance_scale(self) -> float:
+        """The scale the trajectory checks would step with (1: unguided), found without running the pipeline."""
+        if self.adapter.flow_time_scale is None:
+            return 1.0
+        return guidance_scale(self.adapter, self.pipeline, self.config.guidance_scale, self.config.calibration_call_options)
+
+    @property
     def metric_options(self) -> dict[str, Any]:
         """Options handed to metrics (the ridge included, for ``replace`` ablations and ``fit_residual``)."""
         return {**(self.config.scoring.metric_options or {}), "ridge": self.config.ridge}
@@ -78,7 +85,6 @@ def prepare_run(
     transformer = transformer_of(model)
     _check_not_meta(transformer)
     pipeline = None if model is transformer else model
-    check_guidance_source(config.guidance_scale, pipeline)
     chosen = plugins.get_adapter(transformer, adapter)
     offload = None
     if config.offload:

@@ -1,5 +1,6 @@
 """Trajectory checks: importance="auto" and the heal guard step as the user's sampler does, guided, on enough noise."""
 
+import copy
 import io
 import warnings
 
@@ -16,7 +17,11 @@ from blockprune.discovery.resolve import resolve_blocks
 from blockprune.errors import BlockpruneError, UnusedOptionWarning
 from blockprune.report import selection_table, stages_table
 from blockprune.scoring.auto import TRAJECTORY_STEPS, PlanEvaluator, split_for_selection
-from blockprune.scoring.guidance import pipeline_guidance_scale, resolve_guidance
+from blockprune.scoring.guidance import (
+    guidance_scale,
+    pipeline_guidance_scale,
+    resolve_guidance,
+)
 from blockprune.scoring.trajectory import (
     MIN_TRAJECTORIES,
     flow_trajectory,
@@ -89,13 +94,14 @@ def test_auto_and_the_heal_guard_report_the_guidance_they_checked_with():
     assert shown[None].count("guided at scale 2") == 2 and "guided" not in shown[1.0]  # the selection and healing
 
 
-def test_diffusers_flux_takes_classifier_free_guidance_from_true_cfg_scale():
+def test_diffusers_flux_is_checked_unguided_unless_a_scale_is_given():
+    """diffusers' FLUX pipelines feed guidance_scale into the model (distilled) and apply true_cfg_scale only
+    against a negative prompt: blockprune does not guess; an explicit guidance_scale guides against the empty prompt."""
     pipe = tiny_flux_pipeline()
     adapter = plugins.get_adapter(pipe.transformer, "flux")
-    assert adapter.guidance_argument(pipe) == "true_cfg_scale"
-    assert pipeline_guidance_scale(adapter, pipe, None) == 1.0  # FluxPipeline's default: no classifier-free guidance
-    assert pipeline_guidance_scale(adapter, pipe, {"true_cfg_scale": 4.0, "guidance_scale": 3.5}) == 4.0
-    assert resolve_guidance(adapter, pipe, None, None) is None
+    assert adapter.guidance_argument(pipe) is None
+    assert pipeline_guidance_scale(adapter, pipe, {"true_cfg_scale": 4.0, "guidance_scale": 3.5}) == 1.0
+    assert resolve_guidance(adapter, pipe, None, {"true_cfg_scale": 4.0}) is None
     options = {"height": 8, "width": 8, "max_sequence_length": TEXT_LENGTH}
     guidance = resolve_guidance(adapter, pipe, 3.0, options)
     batch = recorded_calibration(pipe, ["a red fox"])[0]
@@ -104,6 +110,24 @@ def test_diffusers_flux_takes_classifier_free_guidance_from_true_cfg_scale():
     assert empty["encoder_hidden_states"].shape == batch["encoder_hidden_states"].shape
     assert not torch.equal(empty["encoder_hidden_states"], batch["encoder_hidden_states"])
     assert empty["hidden_states"] is batch["hidden_states"]
+
+
+def test_a_pipeline_scale_of_one_or_less_samples_unguided():
+    pipe = tiny_toy_pipeline("sd3")
+    adapter = plugins.get_adapter(pipe.transformer, "sd3")
+    assert guidance_scale(adapter, pipe, None, None) == 2.0  # the toy config's
+    for scale in (1.0, 0.0):  # e.g. SD3.5 Turbo's 0: diffusers' pipelines guide only above 1
+        assert guidance_scale(adapter, pipe, None, {"guidance_scale": scale}) == 1.0
+        assert resolve_guidance(adapter, pipe, None, {"guidance_scale": scale}) is None
+
+
+def test_a_workdir_of_another_guidance_scale_is_not_resumed(tmp_path):
+    pipe = tiny_toy_pipeline("sd3")
+    options = {"adapter": "sd3", "ratio": 0.5, "calibration": calibration_batches(pipe, 8, seed=3, batch_size=2),
+               "sandwich": False, "auto_refine": 0, "workdir": tmp_path / "work", **FAST}
+    blockprune.compress(copy.deepcopy(pipe), **options)  # the pipeline's scale, 2
+    with pytest.raises(BlockpruneError, match="belongs to another compress call .*guidance_scale"):
+        blockprune.compress(copy.deepcopy(pipe), calibration_call_options={"guidance_scale": 3.0}, **options)
 
 
 def test_bad_guidance_settings_are_refused_with_the_fix():

@@ -11,9 +11,11 @@ from test_offload_prefetch import OPTIONS, wide_flux
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 import blockprune
+from blockprune import progressive
 from blockprune.errors import BlockpruneError
 from blockprune.runtime.offload import Offload
 from blockprune.sandwich.blockwise import blockwise_backward
+from blockprune.sandwich.heal import heal
 from blockprune.sandwich.training import training_attention
 
 DEVICES = [
@@ -99,19 +101,27 @@ def test_blockwise_backward_under_offload_gives_the_in_memory_gradients(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_healing_under_offload_or_checkpointing_trains_as_in_memory(device):
+def test_healing_under_offload_or_checkpointing_trains_as_in_memory(device, monkeypatch):
     """Under offload, healing backpropagates one resident block at a time (sandwich.blockwise); in memory with
     sandwich_gradient_checkpointing each block recomputes its activations in the backward. Either way the rate
     probes of sandwich_lr="auto" must reach the held-out errors they reach keeping the whole graph."""
     heals, block_runs = {}, {}
+    runs = []  # linear layers run while healing (every block's recompute runs its layers again)
+
+    def counted_heal(*args, **kwargs):
+        handle = register_module_forward_pre_hook(lambda m, _: runs.append(1) if isinstance(m, torch.nn.Linear) else None)
+        try:
+            return heal(*args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(progressive, "heal", counted_heal)
     for way, options in {"graph": {}, "offload": {"offload": True},
                          "checkpointing": {"sandwich_gradient_checkpointing": True}}.items():
         model = model_for(device)
-        runs = []  # linear layers run (every block's recompute runs its layers again)
-        handle = register_module_forward_pre_hook(lambda m, _: runs.append(1) if isinstance(m, torch.nn.Linear) else None)
+        runs.clear()
         blockprune.compress(model, calibration=batches(8, device), device=device, heal_steps=6,
                             sandwich_eval_every=2, **{**OPTIONS, "sandwich_lr": "auto", **options})
-        handle.remove()
         heals[way], block_runs[way] = blockprune.plan(model).heal, len(runs)
     in_memory = heals["graph"]
     assert any(error != in_memory["relative_error_before"] for error in in_memory["lr_errors"].values())  # trained
@@ -120,7 +130,7 @@ def test_healing_under_offload_or_checkpointing_trains_as_in_memory(device):
         assert heals[way]["relative_error_before"] == pytest.approx(in_memory["relative_error_before"], rel=tolerance)
         assert heals[way]["lr_errors"] == pytest.approx(in_memory["lr_errors"], rel=tolerance)
         assert heals[way]["best_step"] == in_memory["best_step"]
-    assert block_runs["checkpointing"] > block_runs["graph"]  # the backward ran the blocks again
+    assert block_runs["checkpointing"] > block_runs["graph"]  # healing's backward ran the blocks again
 
 
 def test_blockwise_backward_lets_the_saved_block_inputs_go_after_the_backward():

@@ -8,7 +8,8 @@ checks of ``importance="auto"`` and of the heal guard step with it too.
 
 The scale is the ``guidance_scale`` option, else the one the pipeline samples with by default (its call's
 argument named by the adapter's :meth:`~blockprune.Adapter.guidance_argument`, as given in
-``calibration_call_options`` or the call's default, else the pipeline config's). The empty prompt's text
+``calibration_call_options`` or the call's default, else the pipeline config's; 1 or less is unguided, as in
+diffusers' pipelines). The empty prompt's text
 inputs come from the pipeline itself: one denoising step on ``""``, the transformer's inputs recorded as
 calibration is, and the adapter's :attr:`~blockprune.Adapter.text_inputs` kept.
 """
@@ -78,14 +79,23 @@ def check_guidance_source(guidance_scale: float | None, pipeline: Any) -> None:
                               "that guidance steers away from: pass the pipeline to compress, not its transformer")
 
 
-def resolve_guidance(adapter: Any, pipeline: Any, guidance_scale: float | None,
+def guidance_scale(adapter: Any, pipeline: Any, option: float | None, call_options: Mapping[str, Any] | None) -> float:
+    """The scale the trajectory checks step with: the ``guidance_scale`` option, else the pipeline's; 1 (unguided)
+    without a pipeline, and for a pipeline's scale of 1 or less, which diffusers' pipelines sample unguided."""
+    check_guidance_source(option, pipeline)
+    if option is not None:
+        return float(option)
+    if pipeline is None:
+        return 1.0
+    scale = pipeline_guidance_scale(adapter, pipeline, call_options)
+    return scale if scale > 1 else 1.0
+
+
+def resolve_guidance(adapter: Any, pipeline: Any, option: float | None,
                      call_options: Mapping[str, Any] | None) -> Guidance | None:
     """What the trajectory checks guide with: ``None`` for unguided sampling (see the module docstring)."""
-    check_guidance_source(guidance_scale, pipeline)
-    explicit = guidance_scale is not None
-    if pipeline is None:
-        return None
-    scale = float(guidance_scale) if explicit else pipeline_guidance_scale(adapter, pipeline, call_options)
+    explicit = option is not None
+    scale = guidance_scale(adapter, pipeline, option, call_options)
     if scale == 1:
         return None
     if not adapter.text_inputs:

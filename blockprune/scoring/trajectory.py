@@ -39,10 +39,11 @@ def check_flow_batch(batch: Mapping[str, Any], index: int) -> None:
 
 
 def flow_trajectory(model: nn.Module, batch: Mapping[str, Any], index: int, time_scale: float, steps: int,
-                    guidance: Guidance | None = None) -> torch.Tensor:
+                    guidance: Guidance | None = None, seed: int | None = None) -> torch.Tensor:
     """The clean latents after ``steps`` Euler steps from pure noise (noise level 1) down to 0.
 
-    The noise is seeded by ``index`` and shaped like the batch's latents; the batch's other inputs (the
+    The noise is seeded by ``seed`` (default ``index``, the batch's number in error messages) and shaped like the
+    batch's latents; the batch's other inputs (the
     text states, guidance ...) condition every step, as a sampler's would, guided against the empty prompt
     with ``guidance``. ``time_scale`` is what the model's ``timestep`` argument is in units of the noise level
     (FLUX: 1, SD3: 1000).
@@ -51,7 +52,7 @@ def flow_trajectory(model: nn.Module, batch: Mapping[str, Any], index: int, time
     batch = to_device(dict(batch), model_device(model))
     empty = guidance.unconditional(batch, index) if guidance is not None else None
     latents, timestep = batch[LATENTS], batch[TIMESTEP]
-    generator = torch.Generator().manual_seed(index)
+    generator = torch.Generator().manual_seed(index if seed is None else seed)
     x = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
     for i in range(steps):
         now, after = 1 - i / steps, 1 - (i + 1) / steps
@@ -80,8 +81,9 @@ def latent_check(model: nn.Module, batches: list[Mapping[str, Any]], time_scale:
     the batches repeated with fresh noise up to ``MIN_TRAJECTORIES`` samples; else its one-step output."""
     if time_scale is not None:
         drawn = sum(b[LATENTS].shape[0] for b in batches if isinstance(b.get(LATENTS), torch.Tensor))
-        runs = list(batches) * max(1, -(-MIN_TRAJECTORIES // max(drawn, 1)))  # each run draws its own noise
-        return lambda: [flow_trajectory(model, b, i, float(time_scale), steps, guidance) for i, b in enumerate(runs)]
+        runs = list(enumerate(batches)) * max(1, -(-MIN_TRAJECTORIES // max(drawn, 1)))  # each run: its own noise
+        return lambda: [flow_trajectory(model, b, i, float(time_scale), steps, guidance, seed)
+                        for seed, (i, b) in enumerate(runs)]
     return lambda: [output_tensor(forward_batch(model, b, i)) for i, b in enumerate(batches)]
 
 
