@@ -70,3 +70,12 @@ def test_prompts_means_a_file_wherever_it_is_a_flag():
         subparser = build_parser([name])._subparsers._group_actions[0].choices[name]
         action = next(a for a in subparser._actions if "--prompts" in a.option_strings)
         assert action.metavar == "FILE" and action.type is None
+
+
+def test_guidance_scale_reaches_compress_from_the_command_line():
+    from blockprune.cli.options import option_values
+
+    args = build_parser(["compress"]).parse_args(["compress", "flux-small", "-o", "out", "--guidance-scale", "3.5"])
+    assert option_values(args)["guidance_scale"] == 3.5
+    plain = build_parser(["compress"]).parse_args(["compress", "flux-small", "-o", "out"])
+    assert "guidance_scale" not in option_values(plain)
