@@ -7,7 +7,8 @@ removal score (FID + CLIP), and what it costs.
 
 The validated error of a block is what ``importance="auto"`` checks plans on, for a plan of that block alone:
 the block replaced by its least-squares fit (on the calibration batches not held out), then the relative error
-of the latents after an 8-step trajectory from seeded noise on the held-out batches, against the intact model.
+of the latents after an 8-step trajectory from seeded noise on the held-out batches, against the intact model,
+guided as the pipeline samples (``--unguided``: without guidance, as ``auto`` checked before).
 
 The paper's score ablates each block (residual branch skipped), generates images for fixed prompts and seeds
 and combines FID and CLIP score (α = β = 0.5). On the toy models, FID is the Fréchet distance on the shapes
@@ -32,6 +33,7 @@ from blockprune import plugins
 from blockprune.config import CompressConfig, ScoringConfig
 from blockprune.discovery.resolve import resolve_blocks
 from blockprune.scoring.auto import TRAJECTORY_STEPS, PlanEvaluator, split_for_selection
+from blockprune.scoring.guidance import resolve_guidance
 from blockprune.scoring.trajectory import latent_check
 from blockprune.toy import (
     CheckerFeatures,
@@ -49,13 +51,15 @@ CHEAP = {"output_mse": {}, "output_mse/replace": {"ablation": "replace"}, "block
          "fit_residual": {}}  # label -> importance options
 
 
-def validated_errors(pipe: ToyPipeline, batches: list[dict]) -> dict[str, float]:
+def validated_errors(pipe: ToyPipeline, batches: list[dict], guided: bool) -> dict[str, float]:
     """Each block's held-out trajectory error with it alone replaced by its least-squares fit (see the docstring)."""
     model = pipe.transformer
     adapter = plugins.get_adapter(model)
     fit, held = split_for_selection(batches, ScoringConfig().auto_held_out)
     blocks = resolve_blocks(model, adapter, fit[0])
-    check = latent_check(model, held[:ScoringConfig().auto_check_batches], adapter.flow_time_scale, TRAJECTORY_STEPS)
+    guidance = resolve_guidance(adapter, pipe, None, None) if guided else None
+    check = latent_check(model, held[:ScoringConfig().auto_check_batches], adapter.flow_time_scale, TRAJECTORY_STEPS,
+                         guidance)
     with torch.no_grad():
         evaluator = PlanEvaluator(model, blocks, fit, CompressConfig().ridge, None, check)
         return {b.name: evaluator.error([b.name]) for b in blocks}
@@ -93,6 +97,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps per image")
     parser.add_argument("--calibration", type=int, default=16, help="calibration batches (a quarter held out)")
     parser.add_argument("--no-paper", action="store_true", help="skip the paper's score (its image generation is slow)")
+    parser.add_argument("--unguided", action="store_true", help="validate without guidance (as auto checked before)")
     args = parser.parse_args()
     if args.random:
         pipe = ToyPipeline.from_config(ToyConfig(width=32, heads=2, blocks=(2, 4)))
@@ -107,7 +112,7 @@ def main() -> None:
                "generation_steps": args.steps, "generation_batch_size": 256, "feature_extractor": CheckerFeatures(), "clip_scorer": checker_scorer}
     common = {"calibration": batches, "progress": False, "cache_dir": False, "metric_options": options}
     started = time.perf_counter()
-    validated = validated_errors(pipe, batches)
+    validated = validated_errors(pipe, batches, guided=not args.unguided)
     validated_seconds = time.perf_counter() - started
     paper, paper_seconds = None, None
     if not args.no_paper:
@@ -126,10 +131,10 @@ def main() -> None:
         rows.append({"metric": "paper (fid + clip)", "spearman_validated": spearman(paper.scores, validated),
                      "spearman_paper": 1.0, "seconds": paper_seconds, "order": paper.order})
     report = {"model": name, "device": str(pipe.device), "calibration": args.calibration, "prompts": args.prompts,
-              "seeds": args.seeds, "steps": args.steps, "validated": validated, "validated_seconds": validated_seconds,
+              "seeds": args.seeds, "steps": args.steps, "guided": not args.unguided, "validated": validated, "validated_seconds": validated_seconds,
               "validated_order": sorted(validated, key=validated.get), "metrics": rows}
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"importance_agreement_{args.model}.json").write_text(json.dumps(report, indent=2))
+        Path(os.environ["OUT"], f"importance_agreement_{args.model}{'_unguided' if args.unguided else ''}.json").write_text(json.dumps(report, indent=2))
     print(f"\n{name} on {pipe.device}: validated error of each block took {validated_seconds:.1f} s"
           + ("" if paper is None else f"; the paper score ({args.prompts} prompts × {args.seeds} seeds, "
              f"{args.steps} steps) {paper_seconds:.1f} s"))

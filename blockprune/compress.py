@@ -81,6 +81,7 @@ def _workdir(run: Run, result: Plan, sandwich: SandwichConfig | None) -> Workdir
         "seed": result.seed,
         **run.config.resume_key(sandwich=sandwich is not None),
         "guidance_scale": run.guidance_scale,  # the scale the checks step with, wherever it came from
+        "sampling_steps": run.sampling_steps,  # the steps auto's final check takes, wherever they came from
     }
     folder = run.config.workdir
     if distributed.is_main():

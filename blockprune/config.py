@@ -51,6 +51,8 @@ class ScoringConfig:
     # flow), one-step "outputs", or "auto" (images with a pipeline, else trajectory where the adapter allows)
     auto_check: str = "auto"
     auto_check_batches: int = 8  # importance="auto": held-out batches a trajectory or outputs check runs on
+    # importance="auto": the best plans by the short check that are re-checked over the sampling steps (0: none)
+    auto_finalists: int = 3
 
     def __post_init__(self) -> None:
         one_of("ablation", self.ablation, ABLATIONS)
@@ -63,6 +65,9 @@ class ScoringConfig:
         one_of("rescore", self.rescore, RESCORE)
         one_of("auto_check", self.auto_check, ("auto", "images", "trajectory", "outputs"))
         positive_int("auto_check_batches", self.auto_check_batches)
+        if isinstance(self.auto_finalists, bool) or not isinstance(self.auto_finalists, int) or self.auto_finalists < 0:
+            raise BlockpruneError(f"auto_finalists must be an integer ≥ 0 (plans re-checked over the sampling steps), "
+                                  f"got {self.auto_finalists!r}")
         if self.score_batches is not None:
             positive_int("score_batches", self.score_batches)
         if self.metric_options is not None and not isinstance(self.metric_options, Mapping):
@@ -137,6 +142,9 @@ class CompressConfig:
     # the classifier-free guidance scale the model will sample with: the trajectory checks of importance="auto"
     # and of the heal guard step with it (1: unguided). Default: the pipeline's own; unguided without a pipeline
     guidance_scale: float | None = None
+    # the denoising steps the model will sample with: importance="auto" re-checks its best plans over this many.
+    # Default: the pipeline's own; 28 (diffusers' FLUX.1-dev and SD3 default) without a pipeline
+    sampling_steps: int | None = None
     # keep blocks on the CPU, moving each to the device only while it runs or trains
     offload: bool = field(default=False, metadata=OUTSIDE_KEY)
     # with offload on a CUDA GPU: the GPU memory the run may hold (bytes, or "8GiB"); more blocks are prefetched
@@ -163,6 +171,8 @@ class CompressConfig:
         for name in ("offload", "keep_activations"):
             boolean(name, getattr(self, name))
         cfg_scale(self.guidance_scale)
+        if self.sampling_steps is not None:
+            positive_int("sampling_steps", self.sampling_steps)
         folder("workdir", self.workdir)
         if self.max_gpu_memory is not None:
             if not self.offload:

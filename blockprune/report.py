@@ -102,11 +102,15 @@ def selection_table(plan: Plan) -> Table:
     title = (f"block selection (importance='auto'): the plan's blocks fitted on {selection['fit_batches']} batches, "
              f"checked on {checked}" + ("" if checked == "sampled images" else f" {selection['held_batches']} held out")
              + _guided(selection.get("guidance_scale", 1.0)))
+    finalists, steps = selection.get("finalists") or {}, selection.get("steps")
+    short = "held-out rel. error" + ("" if steps is None or checked == "the one-step outputs of" else f", {steps} steps")
     table = Table(title=title, box=box.SIMPLE)
-    for column in ("candidate", "held-out rel. error", ""):
-        table.add_column(column, justify="left" if column != "held-out rel. error" else "right")
+    columns = ("candidate", short) + ((f"re-checked, {selection['final_steps']} steps",) if finalists else ()) + ("",)
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("candidate", "") else "right")
     for name, error in sorted(selection["candidates"].items(), key=lambda item: item[1]):
-        table.add_row(name, f"{error:.4g}", "chosen" if name == selection["chosen"] else "")
+        again = (f"{finalists[name]:.4g}" if name in finalists else "-",) if finalists else ()
+        table.add_row(name, f"{error:.4g}", *again, "chosen" if name == selection["chosen"] else "")
     return table
 
 

@@ -25,6 +25,7 @@ from .plan import transformer_of
 from .progress import progress_bars
 from .runtime.offload import Offload
 from .scoring.guidance import Guidance, guidance_scale, resolve_guidance
+from .scoring.sampling import sampling_steps
 
 
 @dataclass
@@ -61,6 +62,11 @@ class Run:
         if self.adapter.flow_time_scale is None:
             return 1.0
         return guidance_scale(self.adapter, self.pipeline, self.config.guidance_scale, self.config.calibration_call_options)
+
+    @property
+    def sampling_steps(self) -> int:
+        """The denoising steps the user samples with (:mod:`blockprune.scoring.sampling`)."""
+        return sampling_steps(self.pipeline, self.config.sampling_steps)
 
     @property
     def metric_options(self) -> dict[str, Any]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["BLOCKPRUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="blockprune-test-cache-")
+atexit.register(shutil.rmtree, os.environ["BLOCKPRUNE_CACHE_DIR"], ignore_errors=True)  # left behind by every run before
 
 import pytest
 import torch

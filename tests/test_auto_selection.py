@@ -1,5 +1,6 @@
 """importance="auto": candidate plans checked on held-out calibration by the model's output error."""
 
+import io
 import os
 import signal
 import subprocess
@@ -9,15 +10,30 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TinyResidualNet, flux_batches, make_flux, residual_net_batches
+from rich.console import Console
 from test_toy_pipeline import tiny_toy_pipeline
+from tiny_pipelines import tiny_flux_pipeline
 
 import blockprune
+from blockprune.config import CompressConfig
+from blockprune.discovery.resolve import resolve_blocks
 from blockprune.errors import BlockpruneError
+from blockprune.plugins import get_adapter
+from blockprune.report import selection_table
 from blockprune.scoring.auto import split_for_selection
+from blockprune.scoring.plan_check import PlanEvaluator
+from blockprune.scoring.sampling import DEFAULT_SAMPLING_STEPS, sampling_steps
+from blockprune.scoring.trajectory import latent_check, per_sample_error, relative_error
 from blockprune.toy import calibration_batches
 
 HERE = Path(__file__).parent
 FAST = {"progress": False, "cache_dir": False}
+
+
+def won_its_last_check(selection: dict) -> bool:
+    """Whether the chosen plan has the lowest error of the last check: the finalists' re-check, if there was one."""
+    last = selection["finalists"] or selection["candidates"]
+    return last[selection["chosen"]] == min(last.values())
 
 
 def planted_model() -> TinyResidualNet:
@@ -58,7 +74,7 @@ def test_auto_picks_the_harmless_block_where_a_proxy_is_wrong():
     plan = blockprune.plan(chosen["auto"])
     assert plan.replaced_names == ["layers.0"]
     errors = plan.selection["candidates"]
-    assert errors[plan.selection["chosen"]] == min(errors.values())
+    assert won_its_last_check(plan.selection) and errors[plan.selection["chosen"]] == min(errors.values())
     assert errors[plan.selection["chosen"]] < errors["fit_residual"] / 10
     assert (plan.selection["fit_batches"], plan.selection["held_batches"]) == (6, 2)
     # and on batches no step of the selection saw, the compressed model is closer to the original
@@ -69,12 +85,72 @@ def test_auto_picks_the_harmless_block_where_a_proxy_is_wrong():
 def test_greedy_refinement_never_raises_the_held_out_error():
     model = make_flux(double=2, single=4)
     blockprune.compress(model, ratio=0.5, calibration=flux_batches(8), importance="auto", sandwich=False,
-                        auto_refine=2, **FAST)
+                        auto_refine=2, auto_finalists=0, **FAST)  # no re-check: the short check decides
     selection = blockprune.plan(model).selection
     best_candidate = min(e for name, e in selection["candidates"].items() if not name.startswith("greedy"))
-    assert selection["candidates"][selection["chosen"]] <= best_candidate
+    assert selection["finalists"] == {} and selection["candidates"][selection["chosen"]] <= best_candidate
     assert set(selection["candidates"]) >= {"start2end", "end2start", "fit_residual", "output_mse",
                                             "output_mse/replace", "block_influence"}
+
+
+def test_the_best_plans_are_rechecked_over_the_sampling_steps():
+    batches = flux_batches(8)
+    model = make_flux(double=2, single=4)
+    blockprune.compress(model, ratio=0.5, calibration=batches, sandwich=False, auto_refine=0, sampling_steps=12, **FAST)
+    plan = blockprune.plan(model)
+    selection = plan.selection
+    assert (selection["steps"], selection["final_steps"]) == (8, 12)
+    finalists = selection["finalists"]
+    by_short = sorted(selection["candidates"], key=selection["candidates"].get)
+    assert by_short[0] in finalists and "fit_residual" in finalists and 2 <= len(finalists) <= 4
+    assert selection["chosen"] == min(finalists, key=finalists.get)
+    # each finalist's error is its plan's over a 12-step trajectory, computed here afresh
+    intact = make_flux(double=2, single=4)
+    fit, held = split_for_selection(batches, 0.25)
+    blocks = resolve_blocks(intact, get_adapter(intact), fit[0])
+    with torch.no_grad():
+        check = PlanEvaluator(intact, blocks, fit, CompressConfig().ridge, None, latent_check(intact, held, 1.0, 12),
+                              aggregate=per_sample_error)
+        assert check.error(plan.replaced_names) == pytest.approx(finalists[selection["chosen"]], rel=1e-5)
+    assert finalists[selection["chosen"]] != selection["candidates"][selection["chosen"]]  # a longer check
+    console = Console(file=io.StringIO(), width=240)
+    console.print(selection_table(plan))  # what inspect shows: both checks' errors, the chosen plan marked
+    shown = console.file.getvalue()
+    assert "held-out rel. error, 8 steps" in shown and "re-checked, 12 steps" in shown
+    assert f"{finalists[selection['chosen']]:.4g}" in shown and shown.count("chosen") == 1
+
+
+def test_the_recheck_ranks_plans_as_the_mean_psnr_of_their_samples_does():
+    reference = [torch.ones(2, 4)]
+    uneven = [reference[0] + torch.tensor([[0.1], [0.01]])]  # relative errors 1e-2 and 1e-4: 20 and 40 dB
+    even = [reference[0] + 0.002**0.5]  # 2e-3 each: 27 dB
+    assert per_sample_error(uneven, reference) == pytest.approx(1e-3, rel=1e-5)
+    assert per_sample_error(uneven, reference) < per_sample_error(even, reference)  # 30 dB on average beats 27
+    assert relative_error(uneven, reference) > relative_error(even, reference)  # the pooled error: the worst sample
+
+
+def test_no_recheck_when_the_sampler_is_no_longer_than_the_check():
+    for options in ({"sampling_steps": 8}, {"sampling_steps": 12, "auto_finalists": 0}):
+        model = make_flux(double=2, single=4)
+        blockprune.compress(model, ratio=0.5, calibration=flux_batches(8), sandwich=False, auto_refine=0, **options,
+                            **FAST)
+        selection = blockprune.plan(model).selection
+        assert selection["finalists"] == {} and won_its_last_check(selection)
+    model = make_flux(double=2, single=4)  # a 4-step sampler: the check steps as it does
+    blockprune.compress(model, ratio=0.5, calibration=flux_batches(8), sandwich=False, auto_refine=0, sampling_steps=4,
+                        **FAST)
+    assert (blockprune.plan(model).selection["steps"], blockprune.plan(model).selection["final_steps"]) == (4, 4)
+
+
+def test_sampling_steps_come_from_the_option_the_pipeline_or_the_default():
+    assert sampling_steps(None, None) == DEFAULT_SAMPLING_STEPS == 28
+    assert sampling_steps(tiny_flux_pipeline(), None) == 28  # FluxPipeline.__call__'s default
+    assert sampling_steps(tiny_toy_pipeline(), None) == 3  # no default in its call: its config's
+    assert sampling_steps(tiny_toy_pipeline(), 7) == 7
+    with pytest.raises(BlockpruneError, match="sampling_steps must be a positive integer, got 0"):
+        blockprune.compress(make_flux(), calibration=flux_batches(4), sampling_steps=0, **FAST)
+    with pytest.raises(BlockpruneError, match=r"auto_finalists must be an integer ≥ 0 .* got -1"):
+        blockprune.compress(make_flux(), calibration=flux_batches(4), auto_finalists=-1, **FAST)
 
 
 def test_the_held_out_batches_are_kept_apart_and_spread():
@@ -122,7 +198,7 @@ def test_with_a_pipeline_auto_checks_candidates_on_sampled_images():
     plan = blockprune.plan(pipe)
     assert plan.selection["checked_on"] == "images"
     errors = plan.selection["candidates"]
-    assert errors[plan.selection["chosen"]] == min(errors.values())
+    assert won_its_last_check(plan.selection)
     assert errors["start2end"] != errors["end2start"] and all(error > 0 for error in errors.values())
     with pytest.raises(BlockpruneError, match="auto_check='images' samples images and needs a pipeline"):
         blockprune.compress(make_flux(), calibration=flux_batches(4), importance="auto", auto_check="images", **FAST)
@@ -135,7 +211,7 @@ def test_without_a_pipeline_flux_plans_are_checked_over_a_latent_trajectory():
     assert plan.importance == {"auto": 1.0}
     assert plan.selection["checked_on"] == "trajectory"
     errors = plan.selection["candidates"]
-    assert errors[plan.selection["chosen"]] == min(errors.values()) and len(set(errors.values())) > 1
+    assert won_its_last_check(plan.selection) and len(set(errors.values())) > 1
     outputs = make_flux(double=2, single=4)
     blockprune.compress(outputs, ratio=0.5, calibration=flux_batches(8), sandwich=False, auto_refine=0,
                         auto_check="outputs", **FAST)
@@ -169,7 +245,7 @@ def test_the_trajectory_check_needs_a_flow_model_and_the_latents():
 
 
 def test_greedy_swaps_must_win_on_both_halves_of_the_check():
-    from blockprune.scoring.auto import _halves
+    from blockprune.scoring.plan_check import _halves
 
     one, two, three = torch.ones(4, 2), torch.zeros(4, 2), torch.full((4, 2), 2.0)
     assert [len(h) for h in _halves([one, two, three])] == [2, 1]  # alternate batches

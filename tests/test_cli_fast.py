@@ -79,3 +79,14 @@ def test_guidance_scale_reaches_compress_from_the_command_line():
     assert option_values(args)["guidance_scale"] == 3.5
     plain = build_parser(["compress"]).parse_args(["compress", "flux-small", "-o", "out"])
     assert "guidance_scale" not in option_values(plain)
+
+
+def test_sampling_steps_and_finalists_reach_compress_from_the_command_line():
+    from blockprune.cli.options import option_values
+
+    args = build_parser(["compress"]).parse_args(["compress", "flux-small", "-o", "out", "--sampling-steps", "28",
+                                                  "--auto-finalists", "0"])
+    assert (option_values(args)["sampling_steps"], option_values(args)["auto_finalists"]) == (28, 0)
+    plain = option_values(build_parser(["compress"]).parse_args(["compress", "flux-small", "-o", "out"]))
+    assert "sampling_steps" not in plain and "auto_finalists" not in plain
+

@@ -106,6 +106,11 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
                         "on one-step outputs")
     parser.add_argument("--auto-check-batches", dest="auto_check_batches", type=int, metavar="N",
                         help="importance auto: held-out batches a trajectory or outputs check runs on (default 8)")
+    parser.add_argument("--auto-finalists", dest="auto_finalists", type=int, metavar="N",
+                        help="importance auto: best plans re-checked over the sampling steps (default 3; 0: none)")
+    parser.add_argument("--sampling-steps", dest="sampling_steps", type=int, metavar="N",
+                        help="the denoising steps you sample with: importance auto re-checks its best plans over them "
+                        "(default: the pipeline's; 28 without one)")
     parser.add_argument("--guidance-scale", dest="guidance_scale", type=float, metavar="S",
                         help="the classifier-free guidance scale you sample with: importance auto's trajectory check "
                         "and the heal guard step with it (default: the pipeline's; 1: unguided)")

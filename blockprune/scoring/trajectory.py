@@ -92,3 +92,18 @@ def relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> flo
     error = sum(float(((g.float() - e.to(g.device).float()) ** 2).sum()) for g, e in zip(got, expected))
     reference = sum(float((e.float() ** 2).sum()) for e in expected)
     return error / reference if reference > 0 else error
+
+
+def per_sample_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """The geometric mean over samples (rows) of each one's relative squared error ``‖ŷᵢ − yᵢ‖² / ‖yᵢ‖²``.
+
+    It ranks plans as the mean of the samples' PSNR in dB does (a log per sample), where the pooled
+    :func:`relative_error` lets the few samples with the largest errors decide.
+    """
+    logs = []
+    for g, e in zip(got, expected):
+        g, e = g.float(), e.to(g.device).float()
+        error = ((g - e) ** 2).flatten(1).sum(1).clamp_min(1e-30)
+        logs.append(torch.log(error / (e**2).flatten(1).sum(1).clamp_min(1e-30)))
+    return float(torch.cat(logs).mean().exp())
+

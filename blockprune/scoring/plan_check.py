@@ -1,0 +1,88 @@
+"""Checking a plan: its blocks replaced at once by least-squares surrogates, its output compared with the intact
+model's (:mod:`blockprune.scoring.auto` chooses plans by this check)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..brll.replacement import fit_surrogate
+from ..discovery.spec import Block
+from ..runtime.forward import model_device
+from .trajectory import relative_error
+
+
+class PlanEvaluator:
+    """Held-out error with a plan's blocks replaced by surrogates fitted once each.
+
+    ``measure`` returns the tensors compared with the intact model's, from the model as it is: sampled
+    images, the clean latents of a short trajectory from each held-out batch, or one-step outputs.
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[Block], fit: list[dict], ridge: float,
+                 record_device: Any, measure: Callable[[], list[torch.Tensor]],
+                 surrogates: dict[str, nn.Module] | None = None,
+                 aggregate: Callable[[list[torch.Tensor], list[torch.Tensor]], float] = relative_error) -> None:
+        self.model, self.by_name, self.fit, self.measure = model, {b.name: b for b in blocks}, fit, measure
+        self.aggregate = aggregate  # measured and intact tensors -> the error
+        self.ridge, self.record_device = ridge, record_device
+        self.surrogates: dict[str, nn.Module] = {} if surrogates is None else surrogates  # shared with another check
+        self.errors: dict[tuple[str, ...], float] = {}
+        self.halves: dict[tuple[str, ...], tuple[float, float]] = {}
+        self.fit_seconds = 0.0  # spent fitting surrogates (grows with the fit batches); the rest is measuring
+        self.reference = [t.float() for t in measure()]
+
+    def _surrogate(self, name: str) -> nn.Module:
+        if name not in self.surrogates:  # fitted on the intact model, as the plan's first replacement would be
+            started = time.perf_counter()
+            self.surrogates[name], _ = fit_surrogate(self.model, self.by_name[name], self.fit, self.ridge,
+                                                     self.record_device)
+            self.fit_seconds += time.perf_counter() - started
+        return self.surrogates[name]
+
+    @contextlib.contextmanager
+    def _replaced(self, names: list[str]) -> Iterator[None]:
+        originals = {name: self.model.get_submodule(name) for name in names}
+        stand_ins = {name: self._surrogate(name) for name in names}
+        try:
+            for name, surrogate in stand_ins.items():
+                self.model.set_submodule(name, surrogate.to(model_device(originals[name])))
+            yield
+        finally:
+            for name, original in originals.items():
+                self.model.set_submodule(name, original)
+
+    def error(self, names: list[str]) -> float:
+        """The error of the measured tensors against the intact model's (by default the relative squared error
+        ``Σ‖ŷ − y‖² / Σ‖y‖²``)."""
+        key = tuple(sorted(names))
+        if key not in self.errors:
+            with self._replaced(names):
+                measured = self.measure()
+            self.errors[key] = self.aggregate(measured, self.reference)
+            self.halves[key] = tuple(self.aggregate(got, expected)  # type: ignore[assignment]
+                                     for got, expected in zip(_halves(measured), _halves(self.reference)))
+        return self.errors[key]
+
+    def better_on_both_halves(self, names: list[str], than: list[str]) -> bool:
+        """Whether ``names`` has the lower error on each half of the check (its images, or its batches), not only in
+        sum: greedy refinement compares many plans on a small check, and one half alone is often noise."""
+        self.error(names), self.error(than)
+        mine, theirs = self.halves[tuple(sorted(names))], self.halves[tuple(sorted(than))]
+        return all(a < b for a, b in zip(mine, theirs))
+
+
+def _halves(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The measured tensors in two halves: alternate tensors, or the two halves of a single batch."""
+    if len(tensors) > 1:
+        return tensors[0::2], tensors[1::2]
+    (only,) = tensors
+    if only.shape[0] < 2:
+        return [only], [only]
+    first, second = only.chunk(2)
+    return [first], [second]
