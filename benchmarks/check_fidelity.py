@@ -42,7 +42,7 @@ from blockprune.discovery.resolve import resolve_blocks
 from blockprune.runtime.forward import to_device
 from blockprune.scoring.auto import PlanEvaluator, split_for_selection
 from blockprune.scoring.guidance import resolve_guidance
-from blockprune.scoring.trajectory import latent_check, relative_error
+from blockprune.scoring.trajectory import latent_check, per_sample_error, relative_error
 from blockprune.toy import ToyPipeline, calibration_batches
 
 
@@ -56,14 +56,6 @@ def plans_from_rows(files: list[Path], model: str, seed: int, ratio: float) -> d
                     and not row["sandwich"]:
                 plans[row["label"]] = (row["blocks"], row["psnr"])
     return plans
-
-
-def per_sample_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
-    """The geometric mean over samples of each one's relative squared error: it ranks plans as the mean of the
-    samples' PSNR does, where the pooled error lets a few samples with large errors decide."""
-    logs = [torch.log(((g.float() - e.float()) ** 2).flatten(1).sum(1) / (e.float() ** 2).flatten(1).sum(1))
-            for g, e in zip(got, expected)]
-    return float(torch.cat(logs).mean().exp())
 
 
 def main() -> None:
