@@ -40,8 +40,9 @@ from blockprune import plugins
 from blockprune.config import CompressConfig, ScoringConfig
 from blockprune.discovery.resolve import resolve_blocks
 from blockprune.runtime.forward import to_device
-from blockprune.scoring.auto import PlanEvaluator, split_for_selection
+from blockprune.scoring.auto import split_for_selection
 from blockprune.scoring.guidance import resolve_guidance
+from blockprune.scoring.plan_check import PlanEvaluator
 from blockprune.scoring.trajectory import latent_check, per_sample_error, relative_error
 from blockprune.toy import ToyPipeline, calibration_batches
 
@@ -96,9 +97,9 @@ def main() -> None:
         evaluators = {}
         for steps, check in checks.items():
             started = time.perf_counter()
-            evaluators[steps] = evaluator = PlanEvaluator(model, blocks, fit, CompressConfig().ridge, None, check(model))
-            if steps != args.check_steps[0]:
-                evaluator.surrogates = evaluators[args.check_steps[0]].surrogates  # the same fits, checked longer
+            shared = evaluators[args.check_steps[0]].surrogates if evaluators else None  # the same fits, checked longer
+            evaluators[steps] = evaluator = PlanEvaluator(model, blocks, fit, CompressConfig().ridge, None, check(model),
+                                                          shared)
             for label, (plan, _) in plans.items():
                 with evaluator._replaced(plan):
                     measured = evaluator.measure()

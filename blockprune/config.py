@@ -23,6 +23,7 @@ from .option_checks import (
     check_call_options,
     folder,
     memory_size,
+    non_negative_int,
     one_of,
     positive_int,
     positive_number,
@@ -60,14 +61,11 @@ class ScoringConfig:
             0 < self.auto_held_out < 1
         ):
             raise BlockpruneError(f"auto_held_out must be strictly between 0 and 1, got {self.auto_held_out!r}")
-        if isinstance(self.auto_refine, bool) or not isinstance(self.auto_refine, int) or self.auto_refine < 0:
-            raise BlockpruneError(f"auto_refine must be an integer ≥ 0 (rounds of greedy swaps), got {self.auto_refine!r}")
+        non_negative_int("auto_refine", self.auto_refine, "rounds of greedy swaps")
         one_of("rescore", self.rescore, RESCORE)
         one_of("auto_check", self.auto_check, ("auto", "images", "trajectory", "outputs"))
         positive_int("auto_check_batches", self.auto_check_batches)
-        if isinstance(self.auto_finalists, bool) or not isinstance(self.auto_finalists, int) or self.auto_finalists < 0:
-            raise BlockpruneError(f"auto_finalists must be an integer ≥ 0 (plans re-checked over the sampling steps), "
-                                  f"got {self.auto_finalists!r}")
+        non_negative_int("auto_finalists", self.auto_finalists, "plans re-checked over the sampling steps")
         if self.score_batches is not None:
             positive_int("score_batches", self.score_batches)
         if self.metric_options is not None and not isinstance(self.metric_options, Mapping):
@@ -102,8 +100,7 @@ class SandwichConfig:
             raise BlockpruneError(f"sandwich_width must be 1, 3 or 5, got {self.width!r}")
         for name in ("steps", "batch_size", "lora_rank", "eval_every", "patience"):
             positive_int(_sandwich_option(name), getattr(self, name))
-        if isinstance(self.heal_steps, bool) or not isinstance(self.heal_steps, int) or self.heal_steps < 0:
-            raise BlockpruneError(f"heal_steps must be an integer ≥ 0 (0 turns healing off), got {self.heal_steps!r}")
+        non_negative_int("heal_steps", self.heal_steps, "0 turns healing off")
         if self.lr != "auto":
             positive_number(_sandwich_option("lr"), self.lr)
         for name in ("lora_alpha", "activation_budget"):

@@ -18,6 +18,12 @@ def positive_int(name: str, value: Any) -> None:
         raise BlockpruneError(f"{name} must be a positive integer, got {value!r}")
 
 
+def non_negative_int(name: str, value: Any, meaning: str) -> None:
+    """Refuse anything but an integer ≥ 0 (``True`` included); ``meaning`` says what the number counts."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BlockpruneError(f"{name} must be an integer ≥ 0 ({meaning}), got {value!r}")
+
+
 def positive_number(name: str, value: Any) -> None:
     """Refuse anything but a positive finite number."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0 and math.isfinite(value)):

@@ -106,4 +106,3 @@ def per_sample_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> f
         error = ((g - e) ** 2).flatten(1).sum(1).clamp_min(1e-30)
         logs.append(torch.log(error / (e**2).flatten(1).sum(1).clamp_min(1e-30)))
     return float(torch.cat(logs).mean().exp())
-
