@@ -186,7 +186,7 @@ class Progressive:
                 remaining = [b for b in self.run.blocks if b.name not in self.replaced]
                 with self._timed("scoring"):
                     if self.importance == AUTO:
-                        self.table = auto_select(self.run, remaining, self.count, bars)
+                        self.table = auto_select(self.run, remaining, self.count, bars, self.workdir)
                     else:
                         earlier = set(bars.task_ids)
                         self.table = score_run(self.run, self.importance, remaining, bars)

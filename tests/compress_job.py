@@ -1,8 +1,9 @@
 """A compress run in its own process, for the fault tests: ``python compress_job.py WORKDIR OUT [KILL_AT]``.
 
-``KILL_AT`` is ``point:n``: the process kills itself with SIGKILL on the n-th call of that point's function.
-``JOB_IMPORTANCE`` in the environment replaces the importance metric (``output_mse``); ``JOB_HEAL_STEPS`` turns
-global healing on (its report is written next to OUT, as JSON).
+``KILL_AT`` is ``point:n`` (or several, comma-separated): the process kills itself with SIGKILL on the n-th call of
+that point's function. ``JOB_IMPORTANCE`` in the environment replaces the importance metric (``output_mse``; with
+``auto`` the plan's selection is written next to OUT, as ``.selection.json``); ``JOB_HEAL_STEPS`` turns global
+healing on (its report is written next to OUT, as JSON).
 """
 
 import json
@@ -29,6 +30,7 @@ POINTS = {
     "training": (blockprune.sandwich.stage, "train_span"),
     "writing": (blockprune.runtime.workdir.os, "replace"),
     "evaluating": (blockprune.scoring.auto.PlanEvaluator, "error"),
+    "checking": (blockprune.scoring.auto.PlanEvaluator, "_check"),  # a plan measured, not restored
     "healing": (blockprune.sandwich.heal, "guarded_training"),
 }
 OPTIONS = {"ratio": 0.5, "sandwich_steps": 8, "sandwich_lr": 1e-3, "progress": False, "cache_dir": False,
@@ -54,12 +56,14 @@ def kill_on_call(point: str, count: int) -> None:
 
 if __name__ == "__main__":
     workdir, out = sys.argv[1], sys.argv[2]
-    if len(sys.argv) > 3:
-        point, count = sys.argv[3].split(":")
+    for kill_at in sys.argv[3].split(",") if len(sys.argv) > 3 else []:
+        point, count = kill_at.split(":")
         kill_on_call(point, int(count))
     model = make_flux(double=2, single=2)
     blockprune.compress(model, calibration=flux_batches(8), workdir=workdir, **OPTIONS)
     torch.save(model.state_dict(), out)
     if OPTIONS["heal_steps"]:
         Path(out).with_suffix(".json").write_text(json.dumps(blockprune.plan(model).heal))
+    if OPTIONS["importance"] == "auto":
+        Path(out).with_suffix(".selection.json").write_text(json.dumps(blockprune.plan(model).selection))
     print("stages", len(blockprune.plan(model).stages))

@@ -1,6 +1,7 @@
 """importance="auto": candidate plans checked on held-out calibration by the model's output error."""
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -186,6 +187,22 @@ def test_a_selection_killed_by_sigkill_resumes_to_the_same_model(kill_at, tmp_pa
     assert resumed.returncode == 0, resumed.stderr
     expected, got = torch.load(tmp_path / "reference.pt", weights_only=True), torch.load(tmp_path / "model.pt", weights_only=True)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_resumed_selection_redoes_neither_the_signals_nor_the_plans_it_had_checked(tmp_path):
+    reference = _job(tmp_path / "reference", tmp_path / "reference.pt")
+    assert reference.returncode == 0, reference.stderr
+    killed = _job(tmp_path / "work", tmp_path / "model.pt", "checking:5")  # after 4 plans were measured
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _job(tmp_path / "work", tmp_path / "model.pt", "scoring:1")  # any signal scored again kills it
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = (json.loads((tmp_path / f"{name}.selection.json").read_text()) for name in ("reference", "model"))
+    assert expected["restored"] == 0 and got["restored"] == 4 and expected["evaluations"] > 4
+    for selection in expected, got:
+        del selection["seconds"], selection["restored"]
+    assert got == expected
+    expected, got = torch.load(tmp_path / "reference.pt", weights_only=True), torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_with_a_pipeline_auto_checks_candidates_on_sampled_images():

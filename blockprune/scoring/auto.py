@@ -42,10 +42,12 @@ from .combination import resolve_metrics
 from .metrics.generation import generation_settings
 from .plan_check import PlanEvaluator
 from .selection import ImportanceTable, compute_scores, score_run
+from .selection_record import SelectionRecord
 from .trajectory import latent_check, per_sample_error
 
 if TYPE_CHECKING:
     from ..run import Run
+    from ..runtime.workdir import Workdir
 
 logger = logging.getLogger("blockprune")
 
@@ -81,7 +83,7 @@ def split_for_selection(batches: list[dict[str, Any]], held_out: float) -> tuple
             [b for i, b in enumerate(batches) if i in held_indices])
 
 
-def _candidates(run: Run, blocks: list[Block], fit: list[dict], bars: Any) -> list[Candidate]:
+def _candidates(run: Run, blocks: list[Block], fit: list[dict], record: SelectionRecord, bars: Any) -> list[Candidate]:
     on_block = None
     if bars is not None:
         task = bars.add_task("scoring blocks (auto: all signals)", total=len(blocks) * len(SIGNALS))
@@ -92,11 +94,16 @@ def _candidates(run: Run, blocks: list[Block], fit: list[dict], bars: Any) -> li
     found = [Candidate("start2end", names), Candidate("end2start", names[::-1])]
     cache = cache_directory(run.config.scoring.cache_dir)
     for metric, ablation in SIGNALS:
-        weights, metrics = resolve_metrics(metric)
-        context = ScoringContext(run.transformer, run.adapter, blocks, fit, run.pipeline, run.metric_options)
-        table = compute_scores(context, weights, metrics, ablation, cache, on_block)
         label = metric if ablation == "remove" else f"{metric}/{ablation}"
-        found.append(Candidate(label, table.order, table.values[metric]))
+        if record.signal(label) is None:
+            weights, metrics = resolve_metrics(metric)
+            context = ScoringContext(run.transformer, run.adapter, blocks, fit, run.pipeline, run.metric_options)
+            table = compute_scores(context, weights, metrics, ablation, cache, on_block)
+            record.add_signal(label, table.order, table.values[metric])
+        elif bars is not None:
+            bars.advance(task, len(blocks))
+        saved = record.signal(label)
+        found.append(Candidate(label, saved["ranking"], saved["values"]))
     return found
 
 
@@ -177,8 +184,12 @@ def _distinct_best(errors: dict[str, float], plans: dict[str, list[str]], count:
     return chosen
 
 
-def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None) -> ImportanceTable:
-    """The ranking whose first ``count`` blocks give the lowest held-out output error, with every candidate's."""
+def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None,
+                workdir: Workdir | None = None) -> ImportanceTable:
+    """The ranking whose first ``count`` blocks give the lowest held-out output error, with every candidate's.
+
+    With a ``workdir``, the signals' rankings and the plans' errors are kept there as they are found
+    (:mod:`blockprune.scoring.selection_record`), so that an interrupted selection resumes without redoing them."""
     scoring = run.config.scoring
     if len(run.scoring_batches) < 2:
         logger.warning("importance='auto' needs 2 calibration batches to hold one out and has 1: blocks are ranked "
@@ -192,31 +203,34 @@ def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None) -> 
     fit, held = split_for_selection(run.scoring_batches, scoring.auto_held_out)
     short, final = check_steps(run, kind)
     started = time.perf_counter()
-    candidates = _candidates(run, blocks, fit, bars)
+    record = SelectionRecord(workdir)
+    candidates = _candidates(run, blocks, fit, record, bars)
     signals_seconds, started = time.perf_counter() - started, time.perf_counter()
     finalists: dict[str, float] = {}
     with torch.no_grad():
         evaluator = PlanEvaluator(run.transformer, blocks, fit, run.config.ridge, run.config.record_device,
-                                  _measure(run, kind, held, short))
+                                  _measure(run, kind, held, short), saved=record.checks("check"), on_new=record.save)
         errors = {c.name: evaluator.error(c.ranking[:count]) for c in candidates}
         plans = {c.name: c.ranking for c in candidates}
         best = min(candidates, key=lambda c: errors[c.name])
         ranking, refined = _refine(best, count, evaluator, scoring.auto_refine)
         if refined < errors[best.name]:
             plans[f"greedy({best.name})"], errors[f"greedy({best.name})"] = ranking, refined
-        chosen, fit_seconds = min(errors, key=errors.get), evaluator.fit_seconds
+        chosen, fit_seconds, restored = min(errors, key=errors.get), evaluator.fit_seconds, evaluator.restored
         if final > short and scoring.auto_finalists > 0:  # errors compound over the steps: re-check the best plans
             longer = PlanEvaluator(run.transformer, blocks, fit, run.config.ridge, run.config.record_device,
-                                   _measure(run, kind, held, final), evaluator.surrogates, per_sample_error)
+                                   _measure(run, kind, held, final), evaluator.surrogates, per_sample_error,
+                                   record.checks("re-check"), record.save)
             finalists = {name: longer.error(plans[name][:count])
                          for name in _distinct_best(errors, plans, count, scoring.auto_finalists)}
             chosen, fit_seconds = min(finalists, key=finalists.get), fit_seconds + longer.fit_seconds
+            restored += longer.restored
     base = chosen.removeprefix("greedy(").removesuffix(")")
     names = [b.name for b in blocks]
     values = {c.name: c.values for c in candidates if c.values is not None}
     selection = {"candidates": errors, "chosen": chosen, "finalists": finalists, "steps": short, "final_steps": final,
                  "fit_batches": len(fit), "held_batches": len(held),
-                 "evaluations": len(evaluator.errors) + len(finalists), "checked_on": kind,
+                 "evaluations": len(evaluator.errors) + len(finalists), "restored": restored, "checked_on": kind,
                  "guidance_scale": run.guidance.scale if kind == "trajectory" and run.guidance else 1.0,
                  "seconds": {"signals": signals_seconds, "fits": fit_seconds,
                              "checks": time.perf_counter() - started - fit_seconds}}

@@ -21,13 +21,16 @@ class PlanEvaluator:
     """Held-out error with a plan's blocks replaced by surrogates fitted once each.
 
     ``measure`` returns the tensors compared with the intact model's, from the model as it is: sampled
-    images, the clean latents of a short trajectory from each held-out batch, or one-step outputs.
+    images, the clean latents of a short trajectory from each held-out batch, or one-step outputs. ``saved``
+    maps plans (their sorted block names joined by spaces) to ``[error, first half's, second half's]``: plans
+    found there are not measured again (a resumed selection), new ones are added and ``on_new`` is called.
     """
 
     def __init__(self, model: nn.Module, blocks: list[Block], fit: list[dict], ridge: float,
                  record_device: Any, measure: Callable[[], list[torch.Tensor]],
                  surrogates: dict[str, nn.Module] | None = None,
-                 aggregate: Callable[[list[torch.Tensor], list[torch.Tensor]], float] = relative_error) -> None:
+                 aggregate: Callable[[list[torch.Tensor], list[torch.Tensor]], float] = relative_error,
+                 saved: dict[str, list[float]] | None = None, on_new: Callable[[], None] | None = None) -> None:
         self.model, self.by_name, self.fit, self.measure = model, {b.name: b for b in blocks}, fit, measure
         self.aggregate = aggregate  # measured and intact tensors -> the error
         self.ridge, self.record_device = ridge, record_device
@@ -35,7 +38,16 @@ class PlanEvaluator:
         self.errors: dict[tuple[str, ...], float] = {}
         self.halves: dict[tuple[str, ...], tuple[float, float]] = {}
         self.fit_seconds = 0.0  # spent fitting surrogates (grows with the fit batches); the rest is measuring
-        self.reference = [t.float() for t in measure()]
+        self.saved, self.on_new = ({} if saved is None else saved), on_new
+        self.restored = 0  # plans whose errors came from ``saved``
+        self._reference: list[torch.Tensor] | None = None
+
+    @property
+    def reference(self) -> list[torch.Tensor]:
+        """The intact model's tensors (measured on first use: a fully restored check needs no forward pass)."""
+        if self._reference is None:
+            self._reference = [t.float() for t in self.measure()]
+        return self._reference
 
     def _surrogate(self, name: str) -> nn.Module:
         if name not in self.surrogates:  # fitted on the intact model, as the plan's first replacement would be
@@ -62,12 +74,24 @@ class PlanEvaluator:
         ``Σ‖ŷ − y‖² / Σ‖y‖²``)."""
         key = tuple(sorted(names))
         if key not in self.errors:
-            with self._replaced(names):
-                measured = self.measure()
-            self.errors[key] = self.aggregate(measured, self.reference)
-            self.halves[key] = tuple(self.aggregate(got, expected)  # type: ignore[assignment]
-                                     for got, expected in zip(_halves(measured), _halves(self.reference)))
+            label = " ".join(key)
+            if label in self.saved:
+                self.restored += 1
+            else:
+                self.saved[label] = self._check(names)
+                if self.on_new is not None:
+                    self.on_new()
+            self.errors[key], *halves = self.saved[label]
+            self.halves[key] = tuple(halves)  # type: ignore[assignment]
         return self.errors[key]
+
+    def _check(self, names: list[str]) -> list[float]:
+        """Measure the plan: its error, and its error on each half of the check."""
+        reference = self.reference
+        with self._replaced(names):
+            measured = self.measure()
+        halves = [self.aggregate(got, expected) for got, expected in zip(_halves(measured), _halves(reference))]
+        return [self.aggregate(measured, reference), *halves]
 
     def better_on_both_halves(self, names: list[str], than: list[str]) -> bool:
         """Whether ``names`` has the lower error on each half of the check (its images, or its batches), not only in
