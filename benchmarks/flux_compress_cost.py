@@ -33,6 +33,7 @@ from blockprune.brll.recording import record_block
 from blockprune.config import ScoringConfig
 from blockprune.discovery.resolve import resolve_blocks
 from blockprune.scoring.auto import split_for_selection
+from blockprune.scoring.trajectory import trajectory_runs
 
 
 def build(args, device):
@@ -89,7 +90,7 @@ def compress_once(args, device, offload: bool) -> dict:
     blockprune.compress(model, adapter="flux", ratio=0.2, calibration=batches, device=device, offload=offload,
                         progress=False, cache_dir=False, score_batches=args.score_batches,
                         sandwich_steps=args.steps, sandwich_lr=args.lr, importance=args.importance,
-                        heal_steps=args.heal_steps,
+                        heal_steps=args.heal_steps, **auto_options(args),
                         sandwich_gradient_checkpointing=args.gradient_checkpointing, **memory)
     wall = time.perf_counter() - started
     plan = blockprune.plan(model)
@@ -100,11 +101,27 @@ def compress_once(args, device, offload: bool) -> dict:
               "score_batches": args.score_batches, "steps": args.steps, "importance": args.importance,
               "heal_steps": args.heal_steps, "gradient_checkpointing": args.gradient_checkpointing,
               "max_gpu_memory": memory.get("max_gpu_memory"),
-              "selection_s": plan.selection.get("seconds", {}), "heal": plan.heal,
+              "selection_s": plan.selection.get("seconds", {}), "heal": plan.heal, "auto": auto_options(args),
+              "evaluations": plan.selection.get("evaluations"), "half_checks": plan.selection.get("half_checks"),
+              "finalists": len(plan.selection.get("finalists", {})),
               "offload_visits": plan.offload_visits,
               "span_error_after": [s.relative_error_after for s in plan.stages]}
     del model
     return result
+
+
+def auto_options(args) -> dict:
+    """The ``auto_*`` options given (the measured run may bound the checks; the extrapolation scales them back)."""
+    given = {"auto_refine": args.auto_refine, "auto_finalists": args.auto_finalists,
+             "auto_check_samples": args.auto_check_samples}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _selection_shares(score_batches: int, batch: int, at_least: int) -> tuple[int, int]:
+    """(fit samples, trajectories a check draws) of ``auto`` with ``score_batches`` batches of ``batch`` samples."""
+    fit, held = split_for_selection(list(range(score_batches)), ScoringConfig().auto_held_out)
+    checked = min(ScoringConfig().auto_check_batches, len(held)) * batch
+    return len(fit) * batch, checked * trajectory_runs(checked, at_least)
 
 
 def extrapolate(row: dict, args) -> dict:
@@ -115,13 +132,13 @@ def extrapolate(row: dict, args) -> dict:
     phases = row["phases_s"]
     scale = args.target_score_batches / (args.score_batches * args.batch)
     selection = row["selection_s"]
-    if selection:  # auto: signals and fits grow with the scoring batches, checks with the held-out ones (≤ 8)
-        _, held = split_for_selection(list(range(args.score_batches)), ScoringConfig().auto_held_out)
-        _, held_target = split_for_selection(list(range(args.target_score_batches)), ScoringConfig().auto_held_out)
-        check_batches = ScoringConfig().auto_check_batches
-        checks = selection["checks"] * min(check_batches, len(held_target)) / min(check_batches, len(held))
+    if selection:  # auto: signals and fits grow with the fit batches, checks with the trajectories they draw
+        fit, draws = _selection_shares(args.score_batches, args.batch,
+                                       args.auto_check_samples or ScoringConfig().auto_check_samples)
+        fit_target, draws_target = _selection_shares(args.target_score_batches, 1, args.target_check_samples)
         rest = phases.get("scoring", 0.0) - sum(selection.values())  # scoring outside auto_select
-        scoring = (selection["signals"] + selection["fits"] + rest) * scale + checks
+        scoring = ((selection["signals"] + selection["fits"]) * fit_target / fit + rest * scale
+                   + selection["checks"] * draws_target / draws)
     else:
         scoring = phases.get("scoring", 0.0) * scale
     least_squares = phases.get("least_squares", 0.0) * 512 / ls_samples
@@ -152,6 +169,12 @@ def main() -> None:
     parser.add_argument("--ls-batches", type=int, default=2)
     parser.add_argument("--target-score-batches", type=int, default=32, help="extrapolation: scoring samples "
                         "(batches of one; with importance='auto' the extrapolation assumes --batch 1)")
+    parser.add_argument("--auto-refine", type=int, help="importance auto: auto_refine (default: the library's)")
+    parser.add_argument("--auto-finalists", type=int, help="importance auto: auto_finalists (default: the library's)")
+    parser.add_argument("--auto-check-samples", type=int, help="importance auto: the measured run's "
+                        "auto_check_samples (default: the library's); the checks' time is scaled to --target-check-samples")
+    parser.add_argument("--target-check-samples", type=int, default=ScoringConfig().auto_check_samples,
+                        help="extrapolation: auto_check_samples (a check's cost is proportional to its draws)")
     parser.add_argument("--target-steps", type=int, default=512, help="extrapolation: sandwich steps of one sample per stage")
     parser.add_argument("--no-offload", action="store_true", help="skip the offload run")
     parser.add_argument("--no-ls-memory", action="store_true", help="skip the least-squares memory check")

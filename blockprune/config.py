@@ -52,6 +52,8 @@ class ScoringConfig:
     # flow), one-step "outputs", or "auto" (images with a pipeline, else trajectory where the adapter allows)
     auto_check: str = "auto"
     auto_check_batches: int = 8  # importance="auto": held-out batches a trajectory or outputs check runs on
+    # importance="auto": noise draws a trajectory check makes at least (its batches repeated with fresh noise)
+    auto_check_samples: int = 32
     # importance="auto": the best plans by the short check that are re-checked over the sampling steps (0: none)
     auto_finalists: int = 3
 
@@ -65,6 +67,7 @@ class ScoringConfig:
         one_of("rescore", self.rescore, RESCORE)
         one_of("auto_check", self.auto_check, ("auto", "images", "trajectory", "outputs"))
         positive_int("auto_check_batches", self.auto_check_batches)
+        positive_int("auto_check_samples", self.auto_check_samples)
         non_negative_int("auto_finalists", self.auto_finalists, "plans re-checked over the sampling steps")
         if self.score_batches is not None:
             positive_int("score_batches", self.score_batches)

@@ -15,7 +15,7 @@ from typing import Any
 from .config import CompressConfig, ScoringConfig, defaults, sandwich_option_names
 from .errors import UnusedOptionWarning
 
-AUTO_ONLY = ("auto_held_out", "auto_refine", "auto_check", "auto_check_batches")
+AUTO_ONLY = ("auto_held_out", "auto_refine", "auto_check", "auto_check_batches", "auto_check_samples", "auto_finalists")
 RECORDING = ("calibration_prompts", "calibration_steps", "steps_per_prompt", "calibration_call_options")
 REUSED = ("ridge", "record_device", "surrogate", "workdir", "keep_activations")
 

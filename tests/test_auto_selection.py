@@ -261,6 +261,24 @@ def test_the_trajectory_check_needs_a_flow_model_and_the_latents():
         blockprune.compress(make_flux(), calibration=flux_batches(4), auto_check_batches=0, **FAST)
 
 
+def test_auto_check_samples_sets_how_many_noise_draws_a_trajectory_check_makes():
+    model, batches = make_flux(double=1, single=2), flux_batches(8)
+    _, held = split_for_selection(batches, 0.25)
+    samples = sum(b["hidden_states"].shape[0] for b in held)
+    assert latent_check(model, held, 1.0, 2).count == len(held) * -(-32 // samples)  # the default: 32 at least
+    assert latent_check(model, held, 1.0, 2, at_least=3 * samples).count == 3 * len(held)
+    assert latent_check(model, held, 1.0, 2, at_least=1).count == len(held)  # never fewer than the batches
+    errors = {}
+    for draws in (1, 64):
+        compressed = make_flux(double=1, single=2)
+        blockprune.compress(compressed, ratio=0.34, calibration=batches, sandwich=False, auto_refine=0, auto_finalists=0,
+                            auto_check_samples=draws, **FAST)
+        errors[draws] = blockprune.plan(compressed).selection["candidates"]
+    assert errors[1].keys() == errors[64].keys() and errors[1] != errors[64]  # other draws, other errors
+    with pytest.raises(BlockpruneError, match="auto_check_samples must be a positive integer"):
+        blockprune.compress(make_flux(), calibration=flux_batches(4), auto_check_samples=0, **FAST)
+
+
 def test_greedy_swaps_must_win_on_both_halves_of_the_check():
     from blockprune.scoring.plan_check import _halves
 
@@ -273,7 +291,7 @@ def test_greedy_swaps_must_win_on_both_halves_of_the_check():
 
     class Known(PlanEvaluator):  # known errors per plan: (sum, first half, second half)
         def __init__(self, known):
-            self.known, self.errors, self.halves = known, {}, {}
+            self.known, self.errors, self.halves, self.saved, self.measure = known, {}, {}, {}, None
 
         def error(self, names):
             key = tuple(sorted(names))
@@ -286,6 +304,36 @@ def test_greedy_swaps_must_win_on_both_halves_of_the_check():
     assert _refine(ranking, 1, noisy, rounds=1) == (["a", "b", "c", "d"], 0.5)  # b wins in sum, on one half only
     steady = Known({("a",): (0.5, 0.5, 0.5), ("b",): (0.4, 0.4, 0.4), ("c",): (0.6, 0.6, 0.6)})
     assert _refine(ranking, 1, steady, rounds=1) == (["b", "a", "c", "d"], 0.4)
+
+
+def test_greedy_measures_a_swap_that_loses_on_the_first_half_no_further_and_chooses_as_before():
+    from blockprune.scoring.auto import Candidate, _refine
+
+    batches = flux_batches(8)
+    model = make_flux(double=2, single=4)
+    fit, held = split_for_selection(batches, 0.25)
+    blocks = resolve_blocks(model, get_adapter(model), fit[0])
+    ranking = Candidate("start2end", [b.name for b in blocks])
+    results, runs = {}, {}
+    with torch.no_grad():
+        for way in ("by halves", "whole"):
+            check = latent_check(model, held, 1.0, 3, at_least=8)
+            counted, measure_one = {"n": 0}, check.measure_one
+
+            def counting(k, counted=counted, measure_one=measure_one):
+                counted["n"] += 1
+                return measure_one(k)
+            check.measure_one = counting
+            measure = check if way == "by halves" else (lambda check=check: check())  # no half(): whole checks only
+            evaluator = PlanEvaluator(model, blocks, fit, CompressConfig().ridge, None, measure)
+            results[way], runs[way] = _refine(ranking, 3, evaluator, rounds=2), counted["n"]
+            if way == "by halves":
+                halved = evaluator
+    assert results["by halves"] == results["whole"] and results["whole"][0][:3] != ranking.ranking[:3]
+    assert runs["by halves"] < runs["whole"]
+    only_first = [label for label, errors in halved.saved.items() if len(errors) == 1]
+    spared = check.count - len(range(0, check.count, 2))  # the odd runs of each swap measured on its first half
+    assert only_first and runs["whole"] - runs["by halves"] == spared * len(only_first)
 
 
 def test_with_a_pipeline_but_batches_of_unknown_prompts_auto_checks_a_latent_trajectory():

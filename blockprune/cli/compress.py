@@ -106,6 +106,9 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
                         "on one-step outputs")
     parser.add_argument("--auto-check-batches", dest="auto_check_batches", type=int, metavar="N",
                         help="importance auto: held-out batches a trajectory or outputs check runs on (default 8)")
+    parser.add_argument("--auto-check-samples", dest="auto_check_samples", type=int, metavar="N",
+                        help="importance auto: noise draws a trajectory check makes at least, its batches repeated "
+                        "with fresh noise (default 32; bounds its cost with --auto-check-batches)")
     parser.add_argument("--auto-finalists", dest="auto_finalists", type=int, metavar="N",
                         help="importance auto: best plans re-checked over the sampling steps (default 3; 0: none)")
     parser.add_argument("--sampling-steps", dest="sampling_steps", type=int, metavar="N",

@@ -114,8 +114,10 @@ def _refine(best: Candidate, count: int, evaluator: PlanEvaluator, rounds: int) 
     plan, rest = list(best.ranking[:count]), list(best.ranking[count:])
     error = evaluator.error(plan)
     for _ in range(rounds):
-        trials = sorted((evaluator.error(plan[:i] + [c] + plan[i + 1:]), i, c)
-                        for i in range(len(plan)) for c in rest[:SWAP_POOL])
+        first = evaluator.first_half_error(plan)
+        swaps = [(i, c) for i in range(len(plan)) for c in rest[:SWAP_POOL]
+                 if evaluator.first_half_error(plan[:i] + [c] + plan[i + 1:]) < first]  # else it cannot be kept
+        trials = sorted((evaluator.error(plan[:i] + [c] + plan[i + 1:]), i, c) for i, c in swaps)
         kept = [(e, i, c) for e, i, c in trials
                 if e < error and evaluator.better_on_both_halves(plan[:i] + [c] + plan[i + 1:], plan)]
         if not kept:
@@ -159,7 +161,7 @@ def _measure(run: Run, kind: str, held: list[dict], steps: int) -> Callable[[], 
     if kind == "outputs":
         return latent_check(run.transformer, held[: run.config.scoring.auto_check_batches], None, 0)
     return latent_check(run.transformer, held[: run.config.scoring.auto_check_batches], run.adapter.flow_time_scale,
-                        steps, run.guidance)
+                        steps, run.guidance, run.config.scoring.auto_check_samples)
 
 
 def check_steps(run: Run, kind: str) -> tuple[int, int]:
@@ -230,7 +232,7 @@ def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None,
     values = {c.name: c.values for c in candidates if c.values is not None}
     selection = {"candidates": errors, "chosen": chosen, "finalists": finalists, "steps": short, "final_steps": final,
                  "fit_batches": len(fit), "held_batches": len(held),
-                 "evaluations": len(evaluator.errors) + len(finalists), "restored": restored, "checked_on": kind,
+                 "evaluations": len(evaluator.errors) + len(finalists), "half_checks": len(evaluator.saved) - len(evaluator.errors), "restored": restored, "checked_on": kind,
                  "guidance_scale": run.guidance.scale if kind == "trajectory" and run.guidance else 1.0,
                  "seconds": {"signals": signals_seconds, "fits": fit_seconds,
                              "checks": time.perf_counter() - started - fit_seconds}}

@@ -4,6 +4,7 @@ model's (:mod:`blockprune.scoring.auto` chooses plans by this check)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,9 +22,11 @@ class PlanEvaluator:
     """Held-out error with a plan's blocks replaced by surrogates fitted once each.
 
     ``measure`` returns the tensors compared with the intact model's, from the model as it is: sampled
-    images, the clean latents of a short trajectory from each held-out batch, or one-step outputs. ``saved``
-    maps plans (their sorted block names joined by spaces) to ``[error, first half's, second half's]``: plans
-    found there are not measured again (a resumed selection), new ones are added and ``on_new`` is called.
+    images, the clean latents of a short trajectory from each held-out batch, or one-step outputs; where it has
+    a ``half`` method (:class:`~blockprune.scoring.trajectory.LatentCheck`), :meth:`first_half_error` measures
+    only the first half. ``saved`` maps plans (their sorted block names joined by spaces) to ``[error, first
+    half's, second half's]`` (``[first half's]`` for a plan measured on it alone): plans found there are not
+    measured again (a resumed selection), new ones are added and ``on_new`` is called.
     """
 
     def __init__(self, model: nn.Module, blocks: list[Block], fit: list[dict], ridge: float,
@@ -41,6 +44,7 @@ class PlanEvaluator:
         self.saved, self.on_new = ({} if saved is None else saved), on_new
         self.restored = 0  # plans whose errors came from ``saved``
         self._reference: list[torch.Tensor] | None = None
+        self._first: dict[tuple[str, ...], list[torch.Tensor]] = {}  # first halves measured alone, until the rest is
 
     @property
     def reference(self) -> list[torch.Tensor]:
@@ -75,21 +79,43 @@ class PlanEvaluator:
         key = tuple(sorted(names))
         if key not in self.errors:
             label = " ".join(key)
-            if label in self.saved:
+            if len(self.saved.get(label, ())) == 3:
                 self.restored += 1
             else:
-                self.saved[label] = self._check(names)
-                if self.on_new is not None:
-                    self.on_new()
+                self._save(label, self._check(names))
             self.errors[key], *halves = self.saved[label]
             self.halves[key] = tuple(halves)  # type: ignore[assignment]
         return self.errors[key]
 
+    def first_half_error(self, names: list[str]) -> float:
+        """The error on the first half of the check, measuring only that half where ``measure`` can (a plan that
+        loses on it cannot be better on both halves, so greedy refinement skips the rest)."""
+        key, label = tuple(sorted(names)), " ".join(sorted(names))
+        halvable = callable(getattr(self.measure, "half", None)) and getattr(self.measure, "count", 0) > 1
+        if key in self.halves or len(self.saved.get(label, ())) == 3 or not halvable:
+            self.error(names)
+            return self.halves[key][0]
+        if label not in self.saved:
+            reference = self.reference
+            with self._replaced(names):
+                self._first[key] = self.measure.half(0)  # type: ignore[attr-defined]
+            self._save(label, [self.aggregate(self._first[key], reference[0::2])])
+        return self.saved[label][0]
+
+    def _save(self, label: str, errors: list[float]) -> None:
+        self.saved[label] = errors
+        if self.on_new is not None:
+            self.on_new()
+
     def _check(self, names: list[str]) -> list[float]:
-        """Measure the plan: its error, and its error on each half of the check."""
-        reference = self.reference
+        """Measure the plan (its second half alone when its first is at hand): its error, and on each half."""
+        reference, first = self.reference, self._first.pop(tuple(sorted(names)), None)
         with self._replaced(names):
-            measured = self.measure()
+            if first is None:
+                measured = self.measure()
+            else:
+                measured = [t for pair in itertools.zip_longest(first, self.measure.half(1)) for t in pair  # type: ignore[attr-defined]
+                            if t is not None]
         halves = [self.aggregate(got, expected) for got, expected in zip(_halves(measured), _halves(reference))]
         return [self.aggregate(measured, reference), *halves]
 

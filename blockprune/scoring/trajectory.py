@@ -22,9 +22,10 @@ from .guidance import Guidance
 
 LATENTS = "hidden_states"
 TIMESTEP = "timestep"
-# noise draws a trajectory check makes at least: held-out batches are repeated with fresh noise up to this many
-# samples. With one held-out batch of 4 samples, the noise drawn decided the check, which then misranked two
-# plans of flux-small that differ by 3.8 dB in its images; with 32 draws of the same 4 captions it ranked them right
+# noise draws a trajectory check makes at least by default (auto_check_samples): held-out batches are repeated with
+# fresh noise up to this many samples. With one held-out batch of 4 samples, the noise drawn decided the check, which
+# then misranked two plans of flux-small that differ by 3.8 dB in its images; with 32 draws of the same 4 captions it
+# ranked them right
 MIN_TRAJECTORIES = 32
 
 
@@ -74,17 +75,43 @@ def _velocity(model: nn.Module, arguments: dict[str, Any], index: int, x: torch.
     return velocity
 
 
+def trajectory_runs(samples: int, at_least: int = MIN_TRAJECTORIES) -> int:
+    """How many times a trajectory check runs its batches of ``samples`` samples in all: enough for ``at_least``."""
+    return max(1, -(-at_least // max(samples, 1)))
+
+
+class LatentCheck:
+    """The tensors a plan or a trained model is checked on without a pipeline (see :func:`latent_check`); called,
+    it measures them all; :meth:`half` measures one half of them, as :mod:`~blockprune.scoring.plan_check` halves
+    a check (alternate tensors), where there are two tensors or more."""
+
+    def __init__(self, measure_one: Callable[[int], torch.Tensor], count: int) -> None:
+        self.measure_one, self.count = measure_one, count
+
+    def __call__(self) -> list[torch.Tensor]:
+        return [self.measure_one(k) for k in range(self.count)]
+
+    def half(self, part: int) -> list[torch.Tensor]:
+        """The even (``part`` 0) or odd (1) tensors alone (with fewer than two, :func:`_halves` halves a batch)."""
+        if self.count < 2:
+            raise BlockpruneError("a check of one tensor is halved within its batch, not measured by halves")
+        return [self.measure_one(k) for k in range(part, self.count, 2)]
+
+
 def latent_check(model: nn.Module, batches: list[Mapping[str, Any]], time_scale: float | None,
-                 steps: int, guidance: Guidance | None = None) -> Callable[[], list[torch.Tensor]]:
+                 steps: int, guidance: Guidance | None = None, at_least: int = MIN_TRAJECTORIES) -> LatentCheck:
     """What a plan or a trained model is checked on without a pipeline: each batch's latents after a ``steps``-step
     trajectory from noise (guided with ``guidance``) when the model is a rectified-flow one (``time_scale`` set),
-    the batches repeated with fresh noise up to ``MIN_TRAJECTORIES`` samples; else its one-step output."""
+    the batches repeated with fresh noise up to ``at_least`` samples; else its one-step output."""
     if time_scale is not None:
         drawn = sum(b[LATENTS].shape[0] for b in batches if isinstance(b.get(LATENTS), torch.Tensor))
-        runs = list(enumerate(batches)) * max(1, -(-MIN_TRAJECTORIES // max(drawn, 1)))  # each run: its own noise
-        return lambda: [flow_trajectory(model, b, i, float(time_scale), steps, guidance, seed)
-                        for seed, (i, b) in enumerate(runs)]
-    return lambda: [output_tensor(forward_batch(model, b, i)) for i, b in enumerate(batches)]
+        runs = list(enumerate(batches)) * trajectory_runs(drawn, at_least)  # each run: its own noise (seed k)
+
+        def trajectory(k: int) -> torch.Tensor:
+            index, batch = runs[k]
+            return flow_trajectory(model, batch, index, float(time_scale), steps, guidance, k)
+        return LatentCheck(trajectory, len(runs))
+    return LatentCheck(lambda k: output_tensor(forward_batch(model, batches[k], k)), len(batches))
 
 
 def relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
