@@ -42,7 +42,9 @@ class ScoringConfig:
 
     ablation: str = "remove"  # how a block is ablated for scoring: "remove" (Y = X) or "replace" (its LS surrogate)
     rescore: str = "once"  # "once" (the paper) or "each": re-score the remaining blocks after each replacement
-    score_batches: int | None = None  # how many calibration batches scoring uses; default: all
+    # how many calibration batches scoring uses (the first ones): a bound, as scoring (and auto's checks) cost forwards
+    # per block and batch; the project's measurements used 32. None: all
+    score_batches: int | None = 32
     metric_options: Mapping[str, Any] | None = None  # for metrics: feature_extractor, clip_scorer, generation_* ...
     # score cache; default $BLOCKPRUNE_CACHE_DIR or ~/.cache/blockprune; False: off
     cache_dir: str | os.PathLike | bool | None = field(default=None, metadata=OUTSIDE_KEY)

@@ -279,6 +279,15 @@ def test_auto_check_samples_sets_how_many_noise_draws_a_trajectory_check_makes()
         blockprune.compress(make_flux(), calibration=flux_batches(4), auto_check_samples=0, **FAST)
 
 
+def test_scoring_and_the_selection_use_the_first_32_calibration_batches_by_default():
+    for given, used in (({}, 32), ({"score_batches": 36}, 36)):
+        model = make_flux(double=1, single=2)
+        blockprune.compress(model, ratio=0.34, calibration=flux_batches(36), sandwich=False, auto_refine=0,
+                            auto_finalists=0, **given, **FAST)
+        selection = blockprune.plan(model).selection
+        assert selection["fit_batches"] + selection["held_batches"] == used
+
+
 def test_greedy_swaps_must_win_on_both_halves_of_the_check():
     from blockprune.scoring.plan_check import _halves
 

@@ -79,7 +79,7 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
                        "calibration; importance's default is fit_residual); see 'blockprune plugins' for the metrics")
     group.add_argument("--ablation", choices=("remove", "replace"),
                        help=f"how a block is ablated for scoring (default {defaults()['ablation']})")
-    group.add_argument("--score-batches", type=int, metavar="N", help="calibration batches used for scoring (default all)")
+    group.add_argument("--score-batches", type=int, metavar="N", help="calibration batches used for scoring, the first N (default 32)")
     group.add_argument("--ridge", type=float, help=f"ridge term of the least-squares fit (default {defaults()['ridge']})")
     group.add_argument("--cache-dir", metavar="DIR",
                        help="importance score cache (default $BLOCKPRUNE_CACHE_DIR or ~/.cache/blockprune)")

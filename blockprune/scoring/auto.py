@@ -232,7 +232,8 @@ def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None,
     values = {c.name: c.values for c in candidates if c.values is not None}
     selection = {"candidates": errors, "chosen": chosen, "finalists": finalists, "steps": short, "final_steps": final,
                  "fit_batches": len(fit), "held_batches": len(held),
-                 "evaluations": len(evaluator.errors) + len(finalists), "half_checks": len(evaluator.saved) - len(evaluator.errors), "restored": restored, "checked_on": kind,
+                 "evaluations": len(evaluator.errors) + len(finalists), "restored": restored, "checked_on": kind,
+                 "half_checks": len(evaluator.saved) - len(evaluator.errors),  # swaps that lost on the first half
                  "guidance_scale": run.guidance.scale if kind == "trajectory" and run.guidance else 1.0,
                  "seconds": {"signals": signals_seconds, "fits": fit_seconds,
                              "checks": time.perf_counter() - started - fit_seconds}}

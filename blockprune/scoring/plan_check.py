@@ -113,9 +113,9 @@ class PlanEvaluator:
         with self._replaced(names):
             if first is None:
                 measured = self.measure()
-            else:
-                measured = [t for pair in itertools.zip_longest(first, self.measure.half(1)) for t in pair  # type: ignore[attr-defined]
-                            if t is not None]
+            else:  # the two halves interleaved back into the order a whole measurement gives
+                second = self.measure.half(1)  # type: ignore[attr-defined]
+                measured = [t for pair in itertools.zip_longest(first, second) for t in pair if t is not None]
         halves = [self.aggregate(got, expected) for got, expected in zip(_halves(measured), _halves(reference))]
         return [self.aggregate(measured, reference), *halves]
 
