@@ -43,7 +43,7 @@ class ScoringConfig:
     ablation: str = "remove"  # how a block is ablated for scoring: "remove" (Y = X) or "replace" (its LS surrogate)
     rescore: str = "once"  # "once" (the paper) or "each": re-score the remaining blocks after each replacement
     # how many calibration batches scoring uses (the first ones): a bound, as scoring (and auto's checks) cost forwards
-    # per block and batch; the project's measurements used 32. None: all
+    # per block and batch; the project's measurements used 32. Pass a larger number to score on more
     score_batches: int | None = 32
     metric_options: Mapping[str, Any] | None = None  # for metrics: feature_extractor, clip_scorer, generation_* ...
     # score cache; default $BLOCKPRUNE_CACHE_DIR or ~/.cache/blockprune; False: off

@@ -43,7 +43,7 @@ class Run:
 
     @property
     def scoring_batches(self) -> list[dict[str, Any]]:
-        """The first ``score_batches`` calibration batches (32 by default; all with ``None``)."""
+        """The first ``score_batches`` calibration batches (32 by default)."""
         count = self.config.scoring.score_batches
         return self.batches[:count] if count else self.batches
 

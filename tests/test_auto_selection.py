@@ -300,7 +300,7 @@ def test_greedy_swaps_must_win_on_both_halves_of_the_check():
 
     class Known(PlanEvaluator):  # known errors per plan: (sum, first half, second half)
         def __init__(self, known):
-            self.known, self.errors, self.halves, self.saved, self.measure = known, {}, {}, {}, None
+            self.known, self.errors, self.halves, self.saved, self.measure, self._first = known, {}, {}, {}, None, {}
 
         def error(self, names):
             key = tuple(sorted(names))
@@ -343,6 +343,7 @@ def test_greedy_measures_a_swap_that_loses_on_the_first_half_no_further_and_choo
     only_first = [label for label, errors in halved.saved.items() if len(errors) == 1]
     spared = check.count - len(range(0, check.count, 2))  # the odd runs of each swap measured on its first half
     assert only_first and runs["whole"] - runs["by halves"] == spared * len(only_first)
+    assert not halved._first  # no first half is kept once its swap lost or was measured in full
 
 
 def test_with_a_pipeline_but_batches_of_unknown_prompts_auto_checks_a_latent_trajectory():

@@ -102,6 +102,10 @@ class PlanEvaluator:
             self._save(label, [self.aggregate(self._first[key], reference[0::2])])
         return self.saved[label][0]
 
+    def forget_first_half(self, names: list[str]) -> None:
+        """Drop the tensors kept from measuring ``names`` on the first half (it lost there: no second half follows)."""
+        self._first.pop(tuple(sorted(names)), None)
+
     def _save(self, label: str, errors: list[float]) -> None:
         self.saved[label] = errors
         if self.on_new is not None:

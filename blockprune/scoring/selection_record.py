@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..runtime import distributed
+
 if TYPE_CHECKING:
     from ..runtime.workdir import Workdir
 
@@ -21,6 +23,8 @@ class SelectionRecord:
         fresh = not (isinstance(saved, dict) and isinstance(saved.get("signals"), dict)
                      and isinstance(saved.get("checks"), dict))
         self.data: dict[str, dict[str, Any]] = {"signals": {}, "checks": {}} if fresh else saved
+        if workdir is not None:
+            distributed.barrier()  # every rank has read the record before rank 0 writes it again
 
     def signal(self, label: str) -> dict[str, Any] | None:
         """A signal's saved ``{"ranking": [...], "values": {...}}``, or ``None``."""
