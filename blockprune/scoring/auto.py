@@ -114,15 +114,14 @@ def _refine(best: Candidate, count: int, evaluator: PlanEvaluator, rounds: int) 
     plan, rest = list(best.ranking[:count]), list(best.ranking[count:])
     error = evaluator.error(plan)
     for _ in range(rounds):
-        first, swaps = evaluator.first_half_error(plan), []
-        for i, c in ((i, c) for i in range(len(plan)) for c in rest[:SWAP_POOL]):
-            if evaluator.first_half_error(plan[:i] + [c] + plan[i + 1:]) < first:
-                swaps.append((i, c))
-            else:  # it cannot be kept
-                evaluator.forget_first_half(plan[:i] + [c] + plan[i + 1:])
-        trials = sorted((evaluator.error(plan[:i] + [c] + plan[i + 1:]), i, c) for i, c in swaps)
-        kept = [(e, i, c) for e, i, c in trials
-                if e < error and evaluator.better_on_both_halves(plan[:i] + [c] + plan[i + 1:], plan)]
+        first = evaluator.first_half_error(plan)
+        swaps = {(i, c): plan[:i] + [c] + plan[i + 1:] for i in range(len(plan)) for c in rest[:SWAP_POOL]}
+        for swap, swapped in list(swaps.items()):
+            if evaluator.first_half_error(swapped) >= first:  # it cannot be kept
+                evaluator.forget_first_half(swapped)
+                del swaps[swap]
+        trials = sorted((evaluator.error(swapped), i, c) for (i, c), swapped in swaps.items())
+        kept = [(e, i, c) for e, i, c in trials if e < error and evaluator.better_on_both_halves(swaps[i, c], plan)]
         if not kept:
             break
         error, i, c = kept[0]
