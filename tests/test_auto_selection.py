@@ -352,3 +352,33 @@ def test_with_a_pipeline_but_batches_of_unknown_prompts_auto_checks_a_latent_tra
     blockprune.compress(pipe, adapter="flux", ratio=0.5, calibration=calibration, sandwich=False, auto_refine=0,
                         **FAST)
     assert blockprune.plan(pipe).selection["checked_on"] == "trajectory"
+
+
+def test_the_selection_fits_each_surrogate_once_and_chooses_as_refitting_would(monkeypatch):
+    from blockprune.brll import replacement
+
+    recorded, record_block, record_blocks = [], replacement.record_block, replacement.record_blocks
+
+    def counting(model, block, *args, **kwargs):
+        recorded.append(block.name)
+        return record_block(model, block, *args, **kwargs)
+
+    def counting_all(model, blocks, *args, **kwargs):
+        recorded.extend(b.name for b in blocks)
+        return record_blocks(model, blocks, *args, **kwargs)
+
+    monkeypatch.setattr(replacement, "record_block", counting)
+    monkeypatch.setattr(replacement, "record_blocks", counting_all)
+    selections, counts = {}, {}
+    for reuse in (True, False):  # accumulators elsewhere (record_device) turn the reuse off
+        recorded.clear()
+        model = make_flux(double=2, single=4)
+        blockprune.compress(model, ratio=0.5, calibration=flux_batches(8), sandwich=False, auto_refine=1,
+                            sampling_steps=12, **({} if reuse else {"record_device": "cpu"}), **FAST)
+        plan = blockprune.plan(model)
+        selections[reuse], counts[reuse] = plan.selection, {b: recorded.count(b) for b in plan.blocks}
+    assert {k: selections[True][k] for k in ("candidates", "finalists", "chosen")} == \
+        {k: selections[False][k] for k in ("candidates", "finalists", "chosen")}
+    # fit_residual, the replace ablation and the plan checks share one fit per block; the stages fit their own
+    assert counts[True] == {b: 1 + (b in plan.replaced_names) for b in plan.blocks}
+    assert sum(counts[False].values()) >= sum(counts[True].values()) + len(plan.blocks)

@@ -94,3 +94,36 @@ def test_no_tokens_and_negative_ridge_are_refused():
     acc.update(torch.randn(10, 4), torch.randn(10, 4))
     with pytest.raises(ValueError, match="ridge"):
         fit_affine(acc, ridge=-1)
+
+
+def test_blocks_fitted_in_one_pass_equal_their_fits_one_by_one_with_fewer_block_runs(monkeypatch):
+    from blockprune.brll.replacement import fit_surrogate, fit_surrogates
+    from blockprune.discovery.resolve import resolve_blocks
+    from blockprune.plugins import get_adapter
+    from blockprune.runtime.hooks import attached
+    from blockprune.scoring import ScoringContext, base
+
+    model, batches = make_flux(double=2, single=4), flux_batches(3)
+    blocks = resolve_blocks(model, get_adapter(model), batches[0])
+    runs = {"n": 0}
+
+    def count(module, args, kwargs, output):
+        runs["n"] += 1
+
+    with attached(model, {blocks[0].name: count}):
+        together = fit_surrogates(model, blocks, batches)
+        assert runs["n"] == len(batches)  # the first block ran once per batch for all six
+        for block in blocks:
+            alone, reports = fit_surrogate(model, block, batches)
+            assert together[block.name][1] == reports
+            for (key, a), b in zip(alone.state_dict().items(), together[block.name][0].state_dict().values()):
+                assert torch.equal(a, b), key
+        assert runs["n"] == len(batches) * (1 + len(blocks))
+    # a scoring context fits the blocks after the one asked for in the same pass, within FIT_GROUP_BYTES
+    context = ScoringContext(model, get_adapter(model), blocks, batches)
+    context.fitted(blocks[1])
+    assert set(context.surrogates) == {b.name for b in blocks[1:]}
+    monkeypatch.setattr(base, "FIT_GROUP_BYTES", 2 * base._equations_bytes(blocks[0]))
+    context = ScoringContext(model, get_adapter(model), blocks, batches)
+    context.fitted(blocks[0])
+    assert set(context.surrogates) == {blocks[0].name, blocks[1].name}

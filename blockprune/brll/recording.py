@@ -108,23 +108,42 @@ def record_block(
     Accumulators live on ``device`` (default: the model's device, where its first parameter is). With ``stop_early`` the forward stops
     right after the block, since nothing downstream is needed.
     """
+    return record_blocks(model, [block], batches, device, stop_early)[block.name]
+
+
+def record_blocks(
+    model: nn.Module,
+    blocks: list[Block],
+    batches: list[dict[str, Any]],
+    device: torch.device | str | None = None,
+    stop_early: bool = True,
+) -> dict[str, dict[str, StreamAccumulator]]:
+    """:func:`record_block` for several blocks in one pass over ``batches`` (by block name, then stream); with
+    ``stop_early`` each forward stops after the last of them to run."""
     if device is None:
         device = model_device(model)
-    accumulators = {s: StreamAccumulator(d, device) for s, d in block.stream_dims.items()}
-    current = {"batch": 0}
+    accumulators = {b.name: {s: StreamAccumulator(d, device) for s, d in b.stream_dims.items()} for b in blocks}
+    current = {"batch": 0, "seen": set()}
 
-    def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        for stream, x, y in stream_pairs(block, bind_inputs(mod, args, kwargs), output):
-            if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-                raise non_finite_error(stream, block.name, current["batch"])
-            accumulators[stream].update(x, y)
-        if stop_early:
-            raise StopForward
+    def make_hook(block: Block):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if stop_early and block.name in current["seen"]:
+                return  # a block run twice in one forward: its first run, as when it is recorded alone
+            for stream, x, y in stream_pairs(block, bind_inputs(mod, args, kwargs), output):
+                if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+                    raise non_finite_error(stream, block.name, current["batch"])
+                accumulators[block.name][stream].update(x, y)
+            current["seen"].add(block.name)
+            if stop_early and len(current["seen"]) == len(blocks):
+                raise StopForward
 
-    with attached(model, {block.name: hook}):
+        return hook
+
+    with attached(model, {b.name: make_hook(b) for b in blocks}):
         for index, batch in distributed.shard(list(enumerate(batches))):
-            current["batch"] = index
+            current["batch"], current["seen"] = index, set()
             forward_batch(model, batch, index)
-    for accumulator in accumulators.values():
-        accumulator.reduce_over_ranks()
+    for streams in accumulators.values():
+        for accumulator in streams.values():
+            accumulator.reduce_over_ranks()
     return accumulators

@@ -11,7 +11,7 @@ from ..discovery.spec import Block
 from ..hookspecs import hookimpl
 from ..plan import ReplacedBlock, StreamReport
 from .fit import fit_affine
-from .recording import record_block
+from .recording import record_block, record_blocks
 from .surrogate import LinearSurrogate
 
 
@@ -19,7 +19,18 @@ def fit_surrogate(
     model: nn.Module, block: Block, batches: list[dict[str, Any]], ridge: float = 1e-6, device: Any = None
 ) -> tuple[LinearSurrogate, dict[str, StreamReport]]:
     """Record ``block``'s streams on ``batches`` and fit its surrogate by least squares."""
-    accumulators = record_block(model, block, batches, device=device)
+    return _fitted(model, block, record_block(model, block, batches, device=device), ridge)
+
+
+def fit_surrogates(
+    model: nn.Module, blocks: list[Block], batches: list[dict[str, Any]], ridge: float = 1e-6, device: Any = None
+) -> dict[str, tuple[LinearSurrogate, dict[str, StreamReport]]]:
+    """:func:`fit_surrogate` for several blocks of the intact model, recorded in one pass over ``batches``."""
+    recorded = record_blocks(model, blocks, batches, device=device)
+    return {block.name: _fitted(model, block, recorded[block.name], ridge) for block in blocks}
+
+
+def _fitted(model: nn.Module, block: Block, accumulators: dict, ridge: float) -> tuple[LinearSurrogate, dict]:
     surrogate = LinearSurrogate.for_block(model.get_submodule(block.name), block.spec, block.stream_dims)
     reports = {}
     for stream, accumulator in accumulators.items():

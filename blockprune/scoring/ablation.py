@@ -19,15 +19,17 @@ ABLATIONS = ("remove", "replace")
 
 @contextlib.contextmanager
 def ablated(
-    model: nn.Module, block: Block, mode: str = "remove", batches: list[dict[str, Any]] | None = None, ridge: float = 1e-6
+    model: nn.Module, block: Block, mode: str = "remove", batches: list[dict[str, Any]] | None = None,
+    ridge: float = 1e-6, surrogate: nn.Module | None = None,
 ) -> Iterator[None]:
     """Inside the ``with`` body, ``block``'s residual branch is skipped (``remove``: ``Y = X``) or swapped for
-    its least-squares surrogate fitted on ``batches`` (``replace``); afterwards the block is back."""
+    its least-squares surrogate (``replace``: ``surrogate``, or one fitted on ``batches``); afterwards the block
+    is back."""
     original = model.get_submodule(block.name)
     if mode == "remove":
         stand_in = LinearSurrogate.for_block(original, block.spec, block.stream_dims)
     elif mode == "replace":
-        stand_in, _ = fit_surrogate(model, block, batches or [], ridge)
+        stand_in = surrogate if surrogate is not None else fit_surrogate(model, block, batches or [], ridge)[0]
     else:
         raise BlockpruneError(f"unknown ablation {mode!r}; use one of {', '.join(ABLATIONS)}")
     model.set_submodule(block.name, stand_in)
@@ -49,8 +51,8 @@ def score_blocks(
         raise BlockpruneError(f"unknown ablation {ablation!r}; use one of {', '.join(ABLATIONS)}")
     states = {name: metric.prepare(context) for name, metric in metrics.items()}
     values: dict[str, dict[str, float]] = {name: {} for name in metrics}
-    ridge = context.options.get("ridge", 1e-6)
-    for block in blocks if blocks is not None else context.blocks:
+    context.scored = blocks if blocks is not None else context.blocks
+    for block in context.scored:
         for name, metric in metrics.items():
             if not metric.ablates:
                 values[name][block.name] = float(metric.evaluate(context, block, states[name]))
@@ -58,7 +60,8 @@ def score_blocks(
         if ablating:
             context.current = block
             try:
-                with ablated(context.model, block, ablation, context.batches, ridge):
+                fitted = context.fitted(block)[0] if ablation == "replace" else None
+                with ablated(context.model, block, ablation, surrogate=fitted):
                     for name, metric in ablating.items():
                         values[name][block.name] = float(metric.evaluate(context, block, states[name]))
             finally:

@@ -36,6 +36,7 @@ import torch
 from ..calibration import bundled_prompts
 from ..discovery.spec import Block
 from ..errors import BlockpruneError
+from ..runtime import distributed
 from .base import ScoringContext
 from .cache import cache_directory
 from .combination import resolve_metrics
@@ -83,7 +84,10 @@ def split_for_selection(batches: list[dict[str, Any]], held_out: float) -> tuple
             [b for i, b in enumerate(batches) if i in held_indices])
 
 
-def _candidates(run: Run, blocks: list[Block], fit: list[dict], record: SelectionRecord, bars: Any) -> list[Candidate]:
+def _candidates(run: Run, blocks: list[Block], fit: list[dict], record: SelectionRecord, bars: Any,
+                surrogates: dict[str, Any]) -> list[Candidate]:
+    """The fixed orders and each signal's ranking (from ``record`` where it was saved); the signals' surrogates,
+    fitted on the intact model, are left in ``surrogates``."""
     on_block = None
     if bars is not None:
         task = bars.add_task("scoring blocks (auto: all signals)", total=len(blocks) * len(SIGNALS))
@@ -97,7 +101,8 @@ def _candidates(run: Run, blocks: list[Block], fit: list[dict], record: Selectio
         label = metric if ablation == "remove" else f"{metric}/{ablation}"
         if record.signal(label) is None:
             weights, metrics = resolve_metrics(metric)
-            context = ScoringContext(run.transformer, run.adapter, blocks, fit, run.pipeline, run.metric_options)
+            context = ScoringContext(run.transformer, run.adapter, blocks, fit, run.pipeline, run.metric_options,
+                                     surrogates=surrogates)
             table = compute_scores(context, weights, metrics, ablation, cache, on_block)
             record.add_signal(label, table.order, table.values[metric])
         elif bars is not None:
@@ -208,12 +213,17 @@ def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None,
     short, final = check_steps(run, kind)
     started = time.perf_counter()
     record = SelectionRecord(workdir)
-    candidates = _candidates(run, blocks, fit, record, bars)
+    fitted: dict[str, Any] = {}
+    candidates = _candidates(run, blocks, fit, record, bars, fitted)
     signals_seconds, started = time.perf_counter() - started, time.perf_counter()
     finalists: dict[str, float] = {}
+    # the plan checks fit the same surrogates (same model, blocks, batches, ridge): reused, unless ranks scored
+    # different blocks (and a check's fits all-reduce over ranks) or the accumulators live elsewhere
+    reused = {} if distributed.active() or run.config.record_device is not None else {n: m for n, (m, _) in fitted.items()}
     with torch.no_grad():
         evaluator = PlanEvaluator(run.transformer, blocks, fit, run.config.ridge, run.config.record_device,
-                                  _measure(run, kind, held, short), saved=record.checks("check"), on_new=record.save)
+                                  _measure(run, kind, held, short), reused, saved=record.checks("check"),
+                                  on_new=record.save)
         errors = {c.name: evaluator.error(c.ranking[:count]) for c in candidates}
         plans = {c.name: c.ranking for c in candidates}
         best = min(candidates, key=lambda c: errors[c.name])

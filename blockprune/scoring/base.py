@@ -9,9 +9,15 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter
+from ..brll.replacement import fit_surrogates
 from ..discovery.spec import Block
 
 COSTS = ("forward", "generation")
+FIT_GROUP_BYTES = 2 * 2**30  # float64 normal equations of the blocks recorded in one pass (FLUX.1-dev: 7 blocks)
+
+
+def _equations_bytes(block: Block) -> int:
+    return sum(2 * d * d * 8 for d in block.stream_dims.values())  # ZᵀZ and ZᵀR per stream
 
 
 @dataclass
@@ -31,6 +37,27 @@ class ScoringContext:
     options: dict[str, Any] = field(default_factory=dict)
     current: Block | None = None
     images: dict[str | None, torch.Tensor] = field(default_factory=dict)
+    surrogates: dict[str, tuple[nn.Module, dict[str, Any]]] = field(default_factory=dict)
+    scored: list[Block] | None = None  # the blocks being scored, in order (default: ``blocks``)
+
+    def fitted(self, block: Block) -> tuple[nn.Module, dict[str, Any]]:
+        """``block``'s least-squares surrogate on ``batches`` and its per-stream fit reports, fitted on the intact
+        model once: ``fit_residual``, the ``replace`` ablation and ``auto``'s plan checks share ``surrogates``.
+
+        The blocks scored after it are recorded in the same pass, as many as ``FIT_GROUP_BYTES`` of float64
+        normal equations hold: one forward per batch for a group instead of one per block."""
+        if block.name not in self.surrogates:
+            order = self.scored if self.scored is not None else self.blocks
+            names = [b.name for b in order]
+            after = order[names.index(block.name) + 1:] if block.name in names else []
+            group, size = [block], _equations_bytes(block)
+            for other in after:
+                if other.name in self.surrogates or size + _equations_bytes(other) > FIT_GROUP_BYTES:
+                    break
+                group.append(other)
+                size += _equations_bytes(other)
+            self.surrogates.update(fit_surrogates(self.model, group, self.batches, self.options.get("ridge", 1e-6)))
+        return self.surrogates[block.name]
 
     @property
     def generator(self) -> Any:

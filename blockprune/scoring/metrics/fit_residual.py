@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...brll.replacement import fit_surrogate
 from ...discovery.spec import Block
 from ...hookspecs import hookimpl
 from ..base import Metric, ScoringContext
@@ -22,7 +21,7 @@ class FitResidual(Metric):
     ablates = False
 
     def evaluate(self, context: ScoringContext, block: Block, state: Any) -> float:
-        _, reports = fit_surrogate(context.model, block, context.batches, context.options.get("ridge", 1e-6))
+        _, reports = context.fitted(block)
         tokens = sum(r.tokens for r in reports.values())
         return sum(r.relative_error * r.tokens for r in reports.values()) / tokens
 
