@@ -77,6 +77,38 @@ def least_squares_memory(args, device) -> dict[str, float]:
     return peaks
 
 
+SOLVES = {"seconds": 0.0, "count": 0, "in_selection_s": 0.0, "in_selection": 0}
+
+
+def time_the_solves() -> None:
+    """Time each least-squares solve (``fit_affine``) and note how much of it fell inside the selection: a solve
+    is of a (d + 1)² system whatever the number of batches, so the extrapolation does not scale it."""
+    from blockprune import progressive
+    from blockprune.brll import replacement
+
+    fit_affine, auto_select = replacement.fit_affine, progressive.auto_select
+
+    def timed_fit(*args, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        result = fit_affine(*args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        SOLVES["seconds"] += time.perf_counter() - started
+        SOLVES["count"] += 1
+        return result
+
+    def noting_select(*args, **kwargs):
+        before = dict(SOLVES)
+        table = auto_select(*args, **kwargs)
+        SOLVES["in_selection_s"] += SOLVES["seconds"] - before["seconds"]
+        SOLVES["in_selection"] += SOLVES["count"] - before["count"]
+        return table
+
+    replacement.fit_affine, progressive.auto_select = timed_fit, noting_select
+
+
 def compress_once(args, device, offload: bool) -> dict:
     gc.collect()  # the previous run's model holds reference cycles: free its GPU memory before this run
     model = build(args, device)
@@ -86,6 +118,7 @@ def compress_once(args, device, offload: bool) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     memory = {"max_gpu_memory": args.max_gpu_memory} if offload and args.max_gpu_memory else {}
+    SOLVES.update(seconds=0.0, count=0, in_selection_s=0.0, in_selection=0)
     started = time.perf_counter()
     blockprune.compress(model, adapter="flux", ratio=0.2, calibration=batches, device=device, offload=offload,
                         progress=False, cache_dir=False, score_batches=args.score_batches,
@@ -101,7 +134,8 @@ def compress_once(args, device, offload: bool) -> dict:
               "score_batches": args.score_batches, "steps": args.steps, "importance": args.importance,
               "heal_steps": args.heal_steps, "gradient_checkpointing": args.gradient_checkpointing,
               "max_gpu_memory": memory.get("max_gpu_memory"),
-              "selection_s": plan.selection.get("seconds", {}), "heal": plan.heal, "auto": auto_options(args),
+              "selection_s": plan.selection.get("seconds", {}), "selection_solves": SOLVES["in_selection"],
+              "selection_solves_s": SOLVES["in_selection_s"], "heal": plan.heal, "auto": auto_options(args),
               "evaluations": plan.selection.get("evaluations"), "half_checks": plan.selection.get("half_checks"),
               "finalists": len(plan.selection.get("finalists", {})),
               "offload_visits": plan.offload_visits,
@@ -137,7 +171,8 @@ def extrapolate(row: dict, args) -> dict:
                                        args.auto_check_samples or ScoringConfig().auto_check_samples)
         fit_target, draws_target = _selection_shares(args.target_score_batches, 1, args.target_check_samples)
         rest = phases.get("scoring", 0.0) - sum(selection.values())  # scoring outside auto_select
-        scoring = ((selection["signals"] + selection["fits"]) * fit_target / fit + rest * scale
+        solves = row.get("selection_solves_s", 0.0)  # the same (d + 1)² systems at any number of batches
+        scoring = ((selection["signals"] + selection["fits"] - solves) * fit_target / fit + solves + rest * scale
                    + selection["checks"] * draws_target / draws)
     else:
         scoring = phases.get("scoring", 0.0) * scale
@@ -182,6 +217,7 @@ def main() -> None:
     parser.add_argument("--offload-only", action="store_true", help="only the offload run")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a small FLUX")
     args = parser.parse_args()
+    time_the_solves()
     if args.samples % args.batch:
         parser.error(f"--samples {args.samples} is not a multiple of --batch {args.batch}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

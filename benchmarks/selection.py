@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="calibration seed of this run")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     parser.add_argument("--sandwich", action="store_true", help="also run every row with sandwich training")
+    parser.add_argument("--sandwich-only", action="store_true", help="only the rows with sandwich training")
     parser.add_argument("--labels", nargs="+", choices=list(SIGNALS), default=list(SIGNALS),
                         help="which ways of choosing to run, in this order (default all)")
     parser.add_argument("--calibration", type=int, default=32, help="calibration batches (default 32)")
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     teacher = generate(pipe, prompts, seeds, args.steps)
     reference = dataset_images(prompts, seed=30_000)
     rows = []
-    for sandwich in (False, True) if args.sandwich else (False,):
+    for sandwich in (True,) if args.sandwich_only else (False, True) if args.sandwich else (False,):
         for ratio in args.ratios:
             for label in args.labels:
                 model, row = run_row(pipe, label, ratio, sandwich, calibration, args)
