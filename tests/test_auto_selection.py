@@ -18,7 +18,7 @@ from tiny_pipelines import tiny_flux_pipeline
 import blockprune
 from blockprune.config import CompressConfig
 from blockprune.discovery.resolve import resolve_blocks
-from blockprune.errors import BlockpruneError
+from blockprune.errors import BlockpruneError, UnusedOptionWarning
 from blockprune.plugins import get_adapter
 from blockprune.report import selection_table
 from blockprune.scoring.auto import split_for_selection
@@ -81,6 +81,15 @@ def test_auto_picks_the_harmless_block_where_a_proxy_is_wrong():
     # and on batches no step of the selection saw, the compressed model is closer to the original
     original = planted_model()
     assert _output_error(chosen["auto"], original, fresh) < _output_error(chosen["fit_residual"], original, fresh) / 10
+
+
+def test_auto_check_samples_warns_where_the_check_draws_no_noise():
+    model = planted_model()  # the generic adapter, no pipeline: plans are checked on one-step outputs
+    with pytest.warns(UnusedOptionWarning, match="auto_check_samples does nothing in this call: plans are checked on "
+                                                 "outputs"):
+        blockprune.compress(model, adapter="generic", ratio=0.25, calibration=residual_net_batches(8),
+                            auto_check_samples=4, sandwich=False, **FAST)
+    assert blockprune.plan(model).selection["checked_on"] == "outputs"
 
 
 def test_greedy_refinement_never_raises_the_held_out_error():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,8 @@ import torch
 
 from ..calibration import bundled_prompts
 from ..discovery.spec import Block
-from ..errors import BlockpruneError
+from ..config import ScoringConfig
+from ..errors import BlockpruneError, UnusedOptionWarning
 from ..runtime import distributed
 from .base import ScoringContext
 from .cache import cache_directory
@@ -209,6 +211,9 @@ def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None,
         logger.info("importance='auto' checks plans on one-step outputs: no pipeline was given and the %r adapter is "
                     "not a rectified-flow one; pass the pipeline to compress to check them on sampled images",
                     run.adapter.name)
+    if kind != "trajectory" and scoring.auto_check_samples != ScoringConfig().auto_check_samples:
+        warnings.warn(f"option auto_check_samples does nothing in this call: plans are checked on {kind}, and only a "
+                      f"latent-trajectory check draws noise; leave it out", UnusedOptionWarning, stacklevel=2)
     fit, held = split_for_selection(run.scoring_batches, scoring.auto_held_out)
     short, final = check_steps(run, kind)
     started = time.perf_counter()
