@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..calibration import bundled_prompts
-from ..discovery.spec import Block
 from ..config import ScoringConfig
+from ..discovery.spec import Block
 from ..errors import BlockpruneError, UnusedOptionWarning
 from ..runtime import distributed
 from .base import ScoringContext
