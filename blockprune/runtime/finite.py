@@ -14,16 +14,16 @@ import torch
 from ..errors import NonFiniteActivationError
 
 
-def _tensors(value: Any, where: str) -> Iterator[tuple[str, torch.Tensor]]:
+def tensors_in(value: Any, where: str) -> Iterator[tuple[str, torch.Tensor]]:
     """``(path, tensor)`` for every tensor inside ``value`` (dicts, lists and tuples), paths like ``['a'][0]``."""
     if isinstance(value, torch.Tensor):
         yield where, value
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            yield from _tensors(item, f"{where}[{key!r}]")
+            yield from tensors_in(item, f"{where}[{key!r}]")
     elif isinstance(value, (list, tuple)):
         for position, item in enumerate(value):
-            yield from _tensors(item, f"{where}[{position}]")
+            yield from tensors_in(item, f"{where}[{position}]")
 
 
 def non_finite(tensor: torch.Tensor, allow_inf: bool = False) -> str | None:
@@ -44,7 +44,7 @@ def check_finite_batches(batches: list[Mapping[str, Any]], what: str = "calibrat
     (additive attention masks use ``-inf``)."""
     for index, batch in enumerate(batches):
         for key, value in batch.items():
-            for path, tensor in _tensors(value, repr(key)):
+            for path, tensor in tensors_in(value, repr(key)):
                 found = non_finite(tensor, allow_inf="mask" in str(key))
                 if found is not None:
                     raise NonFiniteActivationError(f"{what} {index} holds {found} in {path}; {fix}")

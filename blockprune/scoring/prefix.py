@@ -21,22 +21,12 @@ from torch import nn
 
 from ..brll.surrogate import LinearSurrogate
 from ..discovery.spec import Block
+from ..runtime.finite import tensors_in
 from ..runtime.forward import StopForward, forward_batch, output_tensor
 
 logger = logging.getLogger("blockprune")
 
 Call = tuple[tuple, dict]  # a block's positional and keyword inputs
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
 
 
 def _copied(value: Any) -> Any:
@@ -54,7 +44,7 @@ def _copied(value: Any) -> Any:
 def _summary(value: Any) -> list[tuple]:
     """Shape, sum and sum of squares (float64) of every tensor in ``value``: equal inputs give equal summaries."""
     out = []
-    for tensor in _tensors(value):
+    for _, tensor in tensors_in(value, ""):
         t = tensor.detach().double()
         out.append((tuple(t.shape), float(t.sum()), float((t * t).sum())))
     return out
