@@ -195,6 +195,18 @@ def _distinct_best(errors: dict[str, float], plans: dict[str, list[str]], count:
     return chosen
 
 
+def _announce(run: Run, kind: str) -> None:
+    """Say what the check kind implies: a one-step check chosen for want of a pipeline, an option it does not use."""
+    scoring = run.config.scoring
+    if kind == "outputs" and scoring.auto_check == "auto":
+        logger.info("importance='auto' checks plans on one-step outputs: no pipeline was given and the %r adapter is "
+                    "not a rectified-flow one; pass the pipeline to compress to check them on sampled images",
+                    run.adapter.name)
+    if kind != "trajectory" and scoring.auto_check_samples != ScoringConfig().auto_check_samples:
+        warnings.warn(f"option auto_check_samples does nothing in this call: plans are checked on {kind}, and only a "
+                      f"latent-trajectory check draws noise; leave it out", UnusedOptionWarning, stacklevel=3)
+
+
 def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None,
                 workdir: Workdir | None = None) -> ImportanceTable:
     """The ranking whose first ``count`` blocks give the lowest held-out output error, with every candidate's.
@@ -207,13 +219,7 @@ def auto_select(run: Run, blocks: list[Block], count: int, bars: Any = None,
                        "by %s alone; pass more batches to have the choice checked", FALLBACK)
         return score_run(run, FALLBACK, blocks, bars)
     kind = check_kind(run)
-    if kind == "outputs" and scoring.auto_check == "auto":
-        logger.info("importance='auto' checks plans on one-step outputs: no pipeline was given and the %r adapter is "
-                    "not a rectified-flow one; pass the pipeline to compress to check them on sampled images",
-                    run.adapter.name)
-    if kind != "trajectory" and scoring.auto_check_samples != ScoringConfig().auto_check_samples:
-        warnings.warn(f"option auto_check_samples does nothing in this call: plans are checked on {kind}, and only a "
-                      f"latent-trajectory check draws noise; leave it out", UnusedOptionWarning, stacklevel=2)
+    _announce(run, kind)
     fit, held = split_for_selection(run.scoring_batches, scoring.auto_held_out)
     short, final = check_steps(run, kind)
     started = time.perf_counter()
