@@ -8,7 +8,7 @@ same blocks and only the training differs), then each row compresses a copy of t
 least squares only; sandwich training at the old defaults (100 steps at lr 1e-4, half the calibration for the
 least squares, a quarter of the rest held out; the held-out guard is always on now); at the new defaults
 (lr chosen from a grid by probes, every batch not held out both fits and trains, early stop); and the new
-defaults with global healing. Teacher PSNR / SSIM of sampled images against the unpruned model, attribute
+defaults with global healing (LoRA on the kept blocks, or with "full" every weight of them). Teacher PSNR / SSIM of sampled images against the unpruned model, attribute
 accuracy, the checker's Fréchet distance, and wall time. A table is printed last.
 """
 
@@ -45,6 +45,8 @@ VARIANTS = {  # label -> (sandwich, options)
     "ST new defaults": (True, {}),
     "ST new + heal 100": (True, {"heal_steps": 100}),
     "ST new + heal 300": (True, {"heal_steps": 300}),
+    "ST new + heal 100 full": (True, {"heal_steps": 100, "heal_kept": "full"}),  # every kept weight, not LoRA
+    "ST new + heal 300 full": (True, {"heal_steps": 300, "heal_kept": "full"}),
 }
 
 
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                    **image_scores(images, teacher, prompts, reference)}
             rows.append(row)
             reverted = sum(s["best_step"] == 0 for s in row["stages"])
-            print(f"{args.model} {ratio:.0%} {label:<18} psnr {row['psnr']:6.2f} acc {row['accuracy']:.3f} "
+            print(f"{args.model} {ratio:.0%} {label:<22} psnr {row['psnr']:6.2f} acc {row['accuracy']:.3f} "
                   f"{seconds:6.1f} s, {reverted}/{len(row['stages'])} stages reverted", flush=True)
             del model
             write_rows(args, "healing", rows)  # after each row, so a run cut short keeps what it finished
@@ -115,11 +117,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'model':<10} {'ratio':>5} {'variant':<18} {'PSNR':>6} {'SSIM':>6} {'acc':>6} {'frechet':>8} {'s':>6} "
+    print(f"{'model':<10} {'ratio':>5} {'variant':<22} {'PSNR':>6} {'SSIM':>6} {'acc':>6} {'frechet':>8} {'s':>6} "
           f"{'vs LS (dB)':>10}")
     for row in rows:
         base = next(r["psnr"] for r in rows if r["ratio"] == row["ratio"] and r["label"] == "LS only")
-        print(f"{row['model']:<10} {row['ratio']:>5.0%} {row['label']:<18} {row['psnr']:6.2f} {row['ssim']:6.3f} "
+        print(f"{row['model']:<10} {row['ratio']:>5.0%} {row['label']:<22} {row['psnr']:6.2f} {row['ssim']:6.3f} "
               f"{row['accuracy']:6.3f} {row['frechet']:8.4f} {row['compress_s']:6.1f} {row['psnr'] - base:>+10.2f}")
 
 

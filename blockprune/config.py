@@ -32,6 +32,7 @@ from .option_checks import (
 ABLATIONS = ("remove", "replace")
 RESCORE = ("once", "each")
 TARGETS = ("local", "global")
+HEAL_KEPT = ("lora", "full")  # how healing trains the kept blocks
 WIDTHS = (1, 3, 5)
 OUTSIDE_KEY = {"resume_key": False}
 
@@ -91,6 +92,9 @@ class SandwichConfig:
     eval_every: int = 10  # steps between held-out checks; the best weights seen are kept
     patience: int = 3  # checks in a row without improvement before the stage stops early
     heal_steps: int = 0  # global healing after the last replacement: steps at most (0: off; docs/results.md)
+    # how healing trains the kept blocks: "lora" (rank lora_rank, merged after), or "full" (every weight, in float32,
+    # its gradient, AdamW's two moments and the guard's copies: about 24 bytes per parameter on top of the model)
+    heal_kept: str = "lora"
     target: str = "local"  # "local": original blocks on the span's input; "global": unpruned model's activation
     lora_rank: int = 16  # rank of the LoRA on the span's unreplaced blocks
     lora_alpha: float = 16.0  # LoRA scaling numerator (the update is scaled by alpha / rank)
@@ -119,6 +123,9 @@ class SandwichConfig:
             boolean(_sandwich_option(name), getattr(self, name))
         if self.target not in TARGETS:
             raise BlockpruneError(f"sandwich_target must be 'local' or 'global', got {self.target!r}")
+        if self.heal_kept not in HEAL_KEPT:
+            raise BlockpruneError(f"heal_kept must be 'lora' (LoRA on the kept blocks) or 'full' (every weight of "
+                                  f"them trained), got {self.heal_kept!r}")
         if self.lora_targets is not None:
             targets = self.lora_targets
             if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
@@ -176,6 +183,9 @@ class CompressConfig:
         if self.sampling_steps is not None:
             positive_int("sampling_steps", self.sampling_steps)
         folder("workdir", self.workdir)
+        if self.offload and self.sandwich.heal_steps and self.sandwich.heal_kept == "full":
+            raise BlockpruneError("heal_kept='full' trains every weight of the kept blocks, which offload=True does not "
+                                  "hold on the GPU: use heal_kept='lora' with offload")
         if self.max_gpu_memory is not None:
             if not self.offload:
                 raise BlockpruneError("max_gpu_memory bounds what offload=True keeps on the GPU; pass offload=True "

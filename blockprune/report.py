@@ -78,6 +78,7 @@ def stages_table(plan: Plan) -> Table:
                          f"{heal['relative_error_after']:.4g}, kept step "
                          f"{_kept(heal['best_step'], heal['steps_run'])}"
                          + ("" if heal["lr"] is None else f", rate {heal['lr']:g}")
+                         + (", kept blocks trained in full" if heal.get("kept") == "full" else "")
                          + _guided(heal.get("guidance_scale", 1.0)))
     return table
 

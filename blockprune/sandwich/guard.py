@@ -4,7 +4,7 @@ Both sandwich stages and the global healing stage train through :func:`guarded_t
 held-out error before the first step and every ``eval_every`` steps, keeps the best weights seen, stops once
 ``patience`` evaluations in a row bring no improvement, and ends on the best weights, which are the starting
 ones when training never beat them. The rate follows a linear warm-up and a cosine decay; with
-``lr="auto"`` each rate of :data:`LR_GRID` first trains a short probe from the same start, and the rate whose
+``lr="auto"`` each rate of the grid (:data:`LR_GRID` unless the caller gives another) first trains a short probe from the same start, and the rate whose
 probe reached the lowest held-out error trains on from where its probe ended.
 """
 
@@ -52,6 +52,7 @@ class GuardSettings:
     batch_size: int
     eval_every: int
     patience: int
+    grid: tuple[float, ...] = LR_GRID  # the rates lr="auto" probes
 
 
 @dataclass
@@ -142,7 +143,7 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
     start = _snapshot(trainable)
     error_before = held_error()
     _tell(name, 0, settings.steps, error_before)
-    rates = LR_GRID if settings.lr == "auto" else (float(settings.lr),)
+    rates = settings.grid if settings.lr == "auto" else (float(settings.lr),)
     probe = min(settings.steps, max(settings.eval_every, settings.steps // 5)) if len(rates) > 1 else 0
     lr_errors: dict[str, float] = {}
     chosen: tuple[float, _Trainer, list[torch.Tensor]] | None = None

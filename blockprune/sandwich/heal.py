@@ -1,7 +1,7 @@
 """Global healing: after the last replacement, the whole compressed model trained to the unpruned model's output.
 
-Beyond the paper (PPCL and TinyFusion heal a variant). LoRA goes on every kept block and the surrogates
-train in full, against the unpruned model's final output on the training batches at their own noise levels.
+Beyond the paper (PPCL and TinyFusion heal a variant). LoRA goes on every kept block (or, with
+``heal_kept="full"``, every weight of them trains) and the surrogates train in full, against the unpruned model's final output on the training batches at their own noise levels.
 The held-out batches guard it (:mod:`blockprune.sandwich.guard`), so healing never ends worse than it began
 by that check: for rectified-flow models the latents of a short trajectory from noise (as
 ``importance="auto"`` checks plans; one-step outputs improved while sampled images got worse), otherwise
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from ..scoring.auto import (
 from ..scoring.guidance import Guidance
 from ..scoring.trajectory import latent_check, relative_error
 from .blockwise import blockwise_backward, checkpointed_blocks
-from .guard import guarded_training
+from .guard import LR_GRID, guarded_training
 from .lora import add_lora, merge_lora, remove_lora
 from .training import autocast, guard_settings, training_attention
 
@@ -51,6 +51,7 @@ class HealReport:
     surrogates: list[str] = field(default_factory=list)
     seconds: float = 0.0
     guidance_scale: float = 1.0  # the guard's trajectory was guided with this scale (1: unguided)
+    kept: str = "lora"  # how the kept blocks trained: "lora" or "full"
 
     @property
     def reverted(self) -> bool:
@@ -59,6 +60,9 @@ class HealReport:
 
 
 CHECK_BATCHES = 8  # held-out batches the guard checks on (bounds its cost)
+# lr="auto" with heal_kept="full": a tenth of LoRA's grid. AdamW moves each trained weight by about the rate per
+# step; a LoRA update starts at zero and is a rank-r product, a full weight is the trained model's own
+FULL_LR_GRID = (1e-5, 3e-5, 1e-4)
 
 
 def reference_outputs(model: nn.Module, batches: list[dict[str, Any]]) -> list[torch.Tensor]:
@@ -85,7 +89,8 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
          train_targets: list[torch.Tensor], held: list[dict], held_reference: list[torch.Tensor],
          options: SandwichConfig, seed: int, offload: Offload | None = None,
          guidance: Guidance | None = None) -> HealReport:
-    """Train LoRA on the ``kept`` blocks and the ``surrogates`` in full to ``train_targets``, guarded by
+    """Train LoRA on the ``kept`` blocks (every weight with ``heal_kept="full"``) and the ``surrogates`` in full
+    to ``train_targets``, guarded by
     :func:`guard_check` against ``held_reference`` (:func:`reference_check` of the unpruned model); merge; report.
 
     Under ``offload`` the backward runs one resident block at a time (:mod:`blockprune.sandwich.blockwise`).
@@ -94,9 +99,8 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
     started = time.perf_counter()
     device = model_device(model)
     modules = {name: model.get_submodule(name) for name in kept + surrogates}
-    snapshot = {name: {k: v.detach().clone() for k, v in modules[name].state_dict().items()} for name in surrogates}
-    dtypes = {name: next(modules[name].parameters()).dtype for name in surrogates}
-    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    full = kept if options.heal_kept == "full" else []
+    before = _Before(model, {name: modules[name] for name in surrogates + full})
     world, rank = distributed.world_size(), distributed.rank() if distributed.active() else 0
     kind, measure = guard_check(model, adapter, held, guidance)
 
@@ -111,33 +115,59 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
             got = output_tensor(model(**to_device(train[index], device))).float()
             return ((got - train_targets[index].to(device).float()) ** 2).mean()
 
-    lora_blocks: list[str] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         try:
             model.requires_grad_(False)
             lora_blocks = _make_trainable(modules, adapter, kept, surrogates, options)
             trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-            settings = guard_settings(options, steps=options.heal_steps)
-            with _backward_memory(offload, trainable, list(modules.values()), options, device):
+            settings = guard_settings(options, steps=options.heal_steps, grid=FULL_LR_GRID if full else LR_GRID)
+            with _backward_memory(offload, trainable, list(modules.values()), options, device), \
+                    _float32_calls({modules[name]: before.dtypes[name] for name in full}):
                 result = guarded_training(trainable, step_loss, held_error, len(train), settings, seed,
                                           "global healing")
         except BaseException:
-            for name in kept:
+            for name in [] if full else kept:
                 remove_lora(modules[name])
-            for name in surrogates:
-                modules[name].load_state_dict(snapshot[name])
-                modules[name].to(dtypes[name])
-            _reset_requires_grad(model, requires_grad)
+            before.put_back()
             raise
     for name in lora_blocks:
         merge_lora(modules[name])
-    for name in surrogates:
-        modules[name].to(dtypes[name])
-    _reset_requires_grad(model, requires_grad)
+    before.cast_back()
     return HealReport(options.heal_steps, result.steps_run, result.best_step, result.error_before, result.error_after,
                       result.lr, result.lr_errors, kind, lora_blocks, list(surrogates) if options.train_surrogates else [],
-                      time.perf_counter() - started, guidance.scale if guidance and kind == "trajectory" else 1.0)
+                      time.perf_counter() - started, guidance.scale if guidance and kind == "trajectory" else 1.0,
+                      options.heal_kept)
+
+
+class _Before:
+    """What healing changes, as it was: the weights and dtypes of the modules trained in full (cast to float32 for
+    it) and every parameter's ``requires_grad``."""
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module]) -> None:
+        self.model, self.modules = model, modules
+        self.weights = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
+        self.tensor_dtypes = {name: {k: t.dtype for k, t in _tensors(m)} for name, m in modules.items()}
+        self.dtypes = {name: next(m.parameters()).dtype for name, m in modules.items()}
+        self.requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+
+    def cast_back(self) -> None:
+        """Each tensor back to its dtype (a float32 norm inside a bf16 block stays float32), gradients as before."""
+        for name, module in self.modules.items():
+            for key, tensor in _tensors(module):
+                tensor.data = tensor.data.to(self.tensor_dtypes[name][key])
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(self.requires_grad.get(id(parameter), True))
+
+    def put_back(self) -> None:
+        """The weights as they were, then :meth:`cast_back`."""
+        for name, module in self.modules.items():
+            module.load_state_dict(self.weights[name])
+        self.cast_back()
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(), *module.named_buffers()]
 
 
 def _backward_memory(offload: Offload | None, trainable: list[torch.Tensor], blocks: list[nn.Module],
@@ -153,10 +183,14 @@ def _backward_memory(offload: Offload | None, trainable: list[torch.Tensor], blo
 
 def _make_trainable(modules: dict[str, nn.Module], adapter: Adapter, kept: list[str], surrogates: list[str],
                     options: SandwichConfig) -> list[str]:
-    """Surrogates in float32 (trainable unless ``train_surrogates`` is off) and LoRA on the kept blocks; returns
-    the blocks that got LoRA."""
+    """Surrogates in float32 (trainable unless ``train_surrogates`` is off) and LoRA on the kept blocks, or with
+    ``heal_kept="full"`` the kept blocks in float32, every weight trainable; returns the blocks that got LoRA."""
     for name in surrogates:
         modules[name].float().requires_grad_(options.train_surrogates)
+    if options.heal_kept == "full":
+        for name in kept:
+            modules[name].float().requires_grad_(True)
+        return []
     lora_blocks = []
     for name in kept:
         targets = list(options.lora_targets or adapter.lora_targets(modules[name]))
@@ -166,6 +200,29 @@ def _make_trainable(modules: dict[str, nn.Module], adapter: Adapter, kept: list[
     return lora_blocks
 
 
-def _reset_requires_grad(model: nn.Module, requires_grad: dict[int, bool]) -> None:
-    for parameter in model.parameters():
-        parameter.requires_grad_(requires_grad.get(id(parameter), True))
+@contextlib.contextmanager
+def _float32_calls(blocks: dict[nn.Module, torch.dtype]) -> Iterator[None]:
+    """Each block, trained in float32, takes float32 inputs and returns its own dtype's outputs (as autocast does on
+    CUDA, but not on the CPU), so that the blocks around it see what they saw before."""
+    handles = []
+    for block, dtype in blocks.items():
+        if dtype != torch.float32:
+            handles.append(block.register_forward_pre_hook(
+                lambda m, args, kwargs: _cast((args, kwargs), torch.float32), with_kwargs=True))
+            handles.append(block.register_forward_hook(lambda m, args, output, dtype=dtype: _cast(output, dtype)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """``value``'s floating tensors (inside tuples, lists and dicts too) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value

@@ -18,7 +18,7 @@ from ..discovery.spec import Block
 from ..runtime import distributed
 from ..runtime.forward import to_device
 from .data import ActivationStore, SpanSample
-from .guard import GuardResult, GuardSettings, guarded_training
+from .guard import LR_GRID, GuardResult, GuardSettings, guarded_training
 
 
 def _call(module: nn.Module, arguments: dict[str, Any], use_checkpoint: bool) -> Any:
@@ -109,7 +109,8 @@ def train_span(modules, span, inputs, targets, held_inputs, held_targets, total,
                             f"sandwich training of block {block_name}")
 
 
-def guard_settings(options: Any, steps: int | None = None) -> GuardSettings:
-    """The guard's settings from a :class:`~blockprune.config.SandwichConfig` (``steps``: other than its own)."""
+def guard_settings(options: Any, steps: int | None = None, grid: tuple[float, ...] = LR_GRID) -> GuardSettings:
+    """The guard's settings from a :class:`~blockprune.config.SandwichConfig` (``steps``: other than its own;
+    ``grid``: the rates ``lr="auto"`` probes)."""
     return GuardSettings(options.steps if steps is None else steps, options.lr, options.batch_size,
-                         options.eval_every, options.patience)
+                         options.eval_every, options.patience, grid)
