@@ -72,6 +72,7 @@ class Prefix:
         self.position = {b.name: i for i, b in enumerate(blocks)}
         self.at: int | None = None  # the block whose inputs ``inputs`` holds
         self.inputs: list[Call] = []
+        self.passes: dict[str, nn.Module] = {}  # each block's pass-through, built once
         self.exact = len(blocks) > 1 and len(batches) > 0 and self._check()
 
     @contextlib.contextmanager
@@ -81,7 +82,9 @@ class Prefix:
         handle = None
         try:
             for block in self.blocks[:start]:
-                self.model.set_submodule(block.name, LinearSurrogate.for_block(originals[block.name], block.spec, {}))
+                if block.name not in self.passes:
+                    self.passes[block.name] = LinearSurrogate.for_block(originals[block.name], block.spec, {})
+                self.model.set_submodule(block.name, self.passes[block.name])
             if call is not None:  # copies, so that nothing done in place downstream reaches the kept inputs
                 handle = self.model.get_submodule(self.blocks[start].name).register_forward_pre_hook(
                     lambda module, args, kwargs: _copied(call), with_kwargs=True)
