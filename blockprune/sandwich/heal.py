@@ -1,7 +1,8 @@
 """Global healing: after the last replacement, the whole compressed model trained to the unpruned model's output.
 
 Beyond the paper (PPCL and TinyFusion heal a variant). LoRA goes on every kept block (or, with
-``heal_kept="full"``, every weight of them trains) and the surrogates train in full, against the unpruned model's final output on the training batches at their own noise levels.
+``heal_kept="full"``, every weight of them trains) and the surrogates train in full, against the unpruned
+model's final output on the training batches at their own noise levels.
 The held-out batches guard it (:mod:`blockprune.sandwich.guard`), so healing never ends worse than it began
 by that check: for rectified-flow models the latents of a short trajectory from noise (as
 ``importance="auto"`` checks plans; one-step outputs improved while sampled images got worse), otherwise
@@ -90,8 +91,8 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
          options: SandwichConfig, seed: int, offload: Offload | None = None,
          guidance: Guidance | None = None) -> HealReport:
     """Train LoRA on the ``kept`` blocks (every weight with ``heal_kept="full"``) and the ``surrogates`` in full
-    to ``train_targets``, guarded by
-    :func:`guard_check` against ``held_reference`` (:func:`reference_check` of the unpruned model); merge; report.
+    to ``train_targets``, guarded by :func:`guard_check` against ``held_reference`` (:func:`reference_check` of
+    the unpruned model); merge; report.
 
     Under ``offload`` the backward runs one resident block at a time (:mod:`blockprune.sandwich.blockwise`).
     On any error the model is put back as it was before healing.
