@@ -3,8 +3,9 @@
     python benchmarks/healing.py --model flux-small --seed 0     # 20 / 10 / 30 %, JSON out after each ratio
     python benchmarks/healing.py --quick --output /tmp/h         # CPU smoke run (tiny counts)
 
-The blocks are chosen once per ratio (``fit_residual``, least squares only, so that every row replaces the
-same blocks and only the training differs), then each row compresses a copy of the model with those blocks:
+The blocks are chosen once per ratio (``fit_residual``, least squares only, or with ``--blocks-from`` those
+that ``auto`` chose in a selection.py run, so that every row replaces the same blocks and only the training
+differs), then each row compresses a copy of the model with those blocks:
 least squares only; sandwich training at the old defaults (100 steps at lr 1e-4, half the calibration for the
 least squares, a quarter of the rest held out; the held-out guard is always on now); at the new defaults
 (lr chosen from a grid by probes, every batch not held out both fits and trains, early stop); and the new
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from toy_rows import image_scores, write_rows
 
 import blockprune
+from blockprune.errors import BlockpruneError
 from blockprune.runtime.forward import to_device
 from blockprune.toy import (
     ToyPipeline,
@@ -62,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "docs/results/healing")))
+    parser.add_argument("--blocks-from", type=Path, default=None,
+                        help="selection.py JSON: replace the blocks its auto row with sandwich training chose at each "
+                             "ratio, instead of fit_residual's")
     parser.add_argument("--unconditional", type=float, default=0.0,
                         help="share of calibration samples with the empty prompt, as CFG sampling feeds them (0.5)")
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny counts")
@@ -69,6 +75,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.calibration, args.batch_size, args.prompts, args.steps, args.ratios = 6, 2, 4, 2, [0.2]
     return args
+
+
+def chosen_blocks(pipe: ToyPipeline, ratio: float, common: dict, selection: Path | None) -> list[str]:
+    """The blocks every row replaces: ``fit_residual``'s choice, or the ``auto`` ST row's of ``selection``."""
+    if selection is not None:
+        rows = json.loads(selection.read_text(encoding="utf-8"))["rows"]
+        found = [r["blocks"] for r in rows if r["label"] == "auto" and r["sandwich"] and r["ratio"] == ratio]
+        if not found:
+            raise BlockpruneError(f"{selection} has no auto row with sandwich training at ratio {ratio}")
+        return found[0]
+    chooser = copy.deepcopy(pipe)
+    blockprune.compress(chooser, ratio=ratio, importance="fit_residual", sandwich=False, **common)
+    return blockprune.plan(chooser).replaced_names
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -86,10 +105,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     extra = {"sandwich_steps": 3, "sandwich_eval_every": 1} if args.quick else {}
     rows = []
     for ratio in args.ratios:
-        chooser = copy.deepcopy(pipe)
-        blockprune.compress(chooser, ratio=ratio, importance="fit_residual", sandwich=False, **common)
-        order = blockprune.plan(chooser).replaced_names
-        del chooser
+        order = chosen_blocks(pipe, ratio, common, args.blocks_from)
         for label in args.variants:
             sandwich, options = VARIANTS[label]
             if args.quick and "heal_steps" in options:

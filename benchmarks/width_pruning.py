@@ -1,7 +1,7 @@
 """The width-pruning baseline of the FastFLUX paper ("FLUX-Pruning"): structured L1-norm pruning of every block.
 
 Where blockprune removes whole blocks, this baseline keeps every block and makes each one narrower: in every
-double and single FLUX block it keeps a fraction of the attention heads and of the MLP hidden channels (those
+double and single FLUX block (and every SD3 joint block) it keeps a fraction of the attention heads and of the MLP hidden channels (those
 with the largest L1 norms) and physically shrinks the linear layers, so parameters, FLOPs and latency drop.
 The pruned model is then fine-tuned to reproduce the unpruned teacher's output (:func:`finetune`).
 
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.transformers.transformer_flux import (
-    FluxAttention,
     FluxSingleTransformerBlock,
     FluxTransformerBlock,
 )
@@ -80,43 +80,57 @@ def _column_l1(linear: nn.Linear) -> torch.Tensor:
     return linear.weight.detach().float().abs().sum(dim=0)
 
 
-def _head_scores(attn: FluxAttention, name: str, out_columns: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per head: the L1 norm of its rows in every q/k/v projection (both streams) plus ``out_columns``, the
-    L1 norms of the output projections' input columns that read it (one entry per channel of ``inner_dim``)."""
+def _projections(attn: nn.Module) -> list[str]:
+    """The q/k/v projections of ``attn``: the image stream's, and the text stream's where it has one."""
     projections = ["to_q", "to_k", "to_v"]
     if attn.added_kv_proj_dim is not None:
         projections += ["add_q_proj", "add_k_proj", "add_v_proj"]
-    channel = sum(_row_l1(_linear(getattr(attn, p), f"{name}.{p}")) for p in projections)
+    return projections
+
+
+def _head_dim(attn: nn.Module) -> int:
+    return attn.inner_dim // attn.heads  # FluxAttention has head_dim, diffusers' Attention (SD3) does not
+
+
+def _head_scores(attn: nn.Module, name: str, out_columns: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per head: the L1 norm of its rows in every q/k/v projection (both streams) plus ``out_columns``, the
+    L1 norms of the output projections' input columns that read it (one entry per channel of ``inner_dim``)."""
+    channel = sum(_row_l1(_linear(getattr(attn, p), f"{name}.{p}")) for p in _projections(attn))
     channel = channel + sum(out_columns)
-    return channel.view(attn.heads, attn.head_dim).sum(dim=1)
+    return channel.view(attn.heads, _head_dim(attn)).sum(dim=1)
 
 
-def _prune_attention(attn: FluxAttention, name: str, heads: torch.Tensor) -> torch.Tensor:
+def _prune_attention(attn: nn.Module, name: str, heads: torch.Tensor) -> torch.Tensor:
     """Keep the attention heads ``heads`` in the q/k/v projections of both streams; returns their channels."""
     if getattr(attn, "fused_projections", False):
         raise BlockpruneError(f"{name} has fused q/k/v projections; call unfuse_qkv_projections() before pruning")
-    channels = (heads[:, None] * attn.head_dim + torch.arange(attn.head_dim, device=heads.device)).flatten()
-    projections = ["to_q", "to_k", "to_v"]
-    if attn.added_kv_proj_dim is not None:
-        projections += ["add_q_proj", "add_k_proj", "add_v_proj"]
-    for p in projections:
+    head_dim = _head_dim(attn)
+    channels = (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+    for p in _projections(attn):
         _keep_rows(_linear(getattr(attn, p), f"{name}.{p}"), channels)
     attn.heads = len(heads)
-    attn.inner_dim = len(heads) * attn.head_dim
+    attn.inner_dim = len(heads) * head_dim
+    if hasattr(attn, "head_dim"):
+        attn.head_dim = head_dim
     return channels
 
 
-def _prune_double(block: FluxTransformerBlock, name: str, keep: float) -> None:
+def _prune_two_stream(block: FluxTransformerBlock | JointTransformerBlock, name: str, keep: float) -> None:
+    """A FLUX double block or an SD3 joint block; SD3's last block has no text-stream output or MLP."""
+    if getattr(block, "attn2", None) is not None:
+        raise BlockpruneError(f"{name} has a second attention (SD3.5 dual attention); l1_prune does not prune it")
     attn = block.attn
-    to_out = _linear(attn.to_out[0], f"{name}.attn.to_out.0")
-    to_add_out = _linear(attn.to_add_out, f"{name}.attn.to_add_out")
-    scores = _head_scores(attn, f"{name}.attn", [_column_l1(to_out), _column_l1(to_add_out)])
-    heads = _largest(scores, max(1, round(keep * attn.heads)))
-    channels = _prune_attention(attn, f"{name}.attn", heads)
-    _keep_columns(to_out, channels)
-    _keep_columns(to_add_out, channels)
+    outputs = [_linear(attn.to_out[0], f"{name}.attn.to_out.0")]
+    if attn.to_add_out is not None:
+        outputs.append(_linear(attn.to_add_out, f"{name}.attn.to_add_out"))
+    scores = _head_scores(attn, f"{name}.attn", [_column_l1(out) for out in outputs])
+    channels = _prune_attention(attn, f"{name}.attn", _largest(scores, max(1, round(keep * attn.heads))))
+    for out in outputs:
+        _keep_columns(out, channels)
     for ff_name in ("ff", "ff_context"):
         ff = getattr(block, ff_name)
+        if ff is None:
+            continue
         up = _linear(ff.net[0].proj, f"{name}.{ff_name}.net.0.proj")
         down = _linear(ff.net[2], f"{name}.{ff_name}.net.2")
         hidden = _largest(_row_l1(up) * _column_l1(down), max(1, round(keep * up.out_features)))
@@ -144,32 +158,33 @@ def _prune_single(block: FluxSingleTransformerBlock, name: str, keep: float) -> 
 
 
 def l1_prune(transformer: nn.Module, keep: float) -> nn.Module:
-    """Prune every FLUX block of ``transformer`` to ``keep`` of its width, in place, and return it.
+    """Prune every FLUX or SD3 block of ``transformer`` to ``keep`` of its width, in place, and return it.
 
     Per block, the ``max(1, round(keep * heads))`` attention heads with the largest L1 norm (summed over the
-    head's rows of to_q/to_k/to_v, and add_q/k/v_proj in double blocks, and its input columns of the output
-    projections: to_out.0 and to_add_out, or the attention part of proj_out in single blocks) are kept, the
-    same heads for the image and text streams. Of the MLP hidden channels (ff and ff_context in double
-    blocks, proj_mlp in single blocks) the ``max(1, round(keep * hidden))`` with the largest product of the
+    head's rows of to_q/to_k/to_v, and add_q/k/v_proj in double and joint blocks, and its input columns of the
+    output projections: to_out.0 and to_add_out, or the attention part of proj_out in single blocks) are kept,
+    the same heads for the image and text streams. Of the MLP hidden channels (ff and ff_context in double and
+    joint blocks, proj_mlp in single blocks) the ``max(1, round(keep * hidden))`` with the largest product of the
     L1 norms of the up-projection row and the down-projection column are kept. Kept channels keep their order,
     so ``keep=1.0`` leaves the outputs unchanged. The residual width, norm_q/norm_k and everything outside
     the blocks stay as they are. Raises :class:`BlockpruneError` for ``keep`` outside (0, 1], a model without
-    FLUX blocks, fused q/k/v projections or linear layers that are not plain ``nn.Linear`` (e.g. LoRA).
+    FLUX or SD3 blocks, SD3.5's dual attention, fused q/k/v projections or linear layers that are not plain
+    ``nn.Linear`` (e.g. LoRA).
     """
     _check_keep(keep)
-    kinds = (FluxTransformerBlock, FluxSingleTransformerBlock)
+    kinds = (FluxTransformerBlock, FluxSingleTransformerBlock, JointTransformerBlock)
     blocks = [(n, m) for n, m in transformer.named_modules() if isinstance(m, kinds)]
     if not blocks:
         raise BlockpruneError(
-            f"{type(transformer).__name__} has no FLUX blocks (FluxTransformerBlock, FluxSingleTransformerBlock); "
-            f"l1_prune handles FLUX-architecture transformers only"
+            f"{type(transformer).__name__} has no FLUX or SD3 blocks (FluxTransformerBlock, "
+            f"FluxSingleTransformerBlock, JointTransformerBlock); l1_prune handles those architectures only"
         )
     with torch.no_grad():
         for name, block in blocks:
-            if isinstance(block, FluxTransformerBlock):
-                _prune_double(block, name, float(keep))
-            else:
+            if isinstance(block, FluxSingleTransformerBlock):
                 _prune_single(block, name, float(keep))
+            else:
+                _prune_two_stream(block, name, float(keep))
     return transformer
 
 
@@ -191,7 +206,8 @@ def keep_for_flops(transformer: nn.Module, batch: dict[str, Any], target_flops: 
     if not math.isfinite(target_flops) or target_flops <= 0:
         raise BlockpruneError(f"target_flops={target_flops!r}; give a positive FLOP count")
     hidden = [b.mlp_hidden_dim for b in transformer.modules() if isinstance(b, FluxSingleTransformerBlock)]
-    hidden += [b.ff.net[0].proj.out_features for b in transformer.modules() if isinstance(b, FluxTransformerBlock)]
+    two_stream = (FluxTransformerBlock, JointTransformerBlock)
+    hidden += [b.ff.net[0].proj.out_features for b in transformer.modules() if isinstance(b, two_stream)]
     resolution = 1.0 / (2 * max(hidden, default=1))
     lo, hi = resolution, 1.0
     flops = {hi: _pruned_flops(transformer, batch, hi), lo: _pruned_flops(transformer, batch, lo)}

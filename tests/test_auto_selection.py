@@ -298,11 +298,11 @@ def test_scoring_and_the_selection_use_the_first_32_calibration_batches_by_defau
 
 
 def test_greedy_swaps_must_win_on_both_halves_of_the_check():
-    from blockprune.scoring.plan_check import _halves
+    from blockprune.scoring.trajectory import halves
 
     one, two, three = torch.ones(4, 2), torch.zeros(4, 2), torch.full((4, 2), 2.0)
-    assert [len(h) for h in _halves([one, two, three])] == [2, 1]  # alternate batches
-    first, second = _halves([torch.arange(6.0).reshape(6, 1)])  # one batch of images: its two halves
+    assert [len(h) for h in halves([one, two, three])] == [2, 1]  # alternate batches
+    first, second = halves([torch.arange(6.0).reshape(6, 1)])  # one batch of images: its two halves
     assert first[0].flatten().tolist() == [0, 1, 2] and second[0].flatten().tolist() == [3, 4, 5]
 
     from blockprune.scoring.auto import Candidate, PlanEvaluator, _refine

@@ -50,6 +50,25 @@ def test_auto_rate_keeps_the_probe_with_the_lowest_held_out_error():
     assert result.error_after < result.error_before and not result.reverted
 
 
+def test_best_weights_that_the_accept_check_refuses_give_way_to_the_start():
+    weight = torch.nn.Parameter(torch.full((3,), 5.0))
+    asked = []
+
+    def accept():  # asked once, with the best weights loaded
+        asked.append(weight.detach().clone())
+        return False
+
+    settings = GuardSettings(steps=20, lr=0.1, batch_size=1, eval_every=5, patience=3)
+    result = guarded_training([weight], lambda i: ((weight - 1.0) ** 2).sum(),
+                              lambda: float(((weight - 1.0) ** 2).sum()), 4, settings, 0, "test", accept=accept)
+    assert len(asked) == 1 and float(asked[0][0]) < 5.0  # the best was a trained one
+    assert result.refused and result.reverted and result.lr is None and result.error_after == result.error_before
+    assert torch.equal(weight.detach(), torch.full((3,), 5.0))
+    kept = guarded_training([weight], lambda i: ((weight - 1.0) ** 2).sum(),
+                            lambda: float(((weight - 1.0) ** 2).sum()), 4, settings, 0, "test", accept=lambda: True)
+    assert not kept.refused and kept.best_step > 0 and float(weight[0]) < 5.0
+
+
 @pytest.mark.parametrize("lr", ["auto", 1.0])
 def test_a_stage_never_ends_above_its_held_out_error_before(lr):
     model = make_flux(double=2, single=3)
@@ -73,6 +92,8 @@ def test_healing_never_raises_the_held_out_output_error_and_is_reported():
                         heal_steps=20, sandwich_eval_every=5, **FAST)
     heal = plan_of(model).heal
     assert heal["steps"] == 20 and heal["relative_error_after"] <= heal["relative_error_before"]
+    assert heal["best_step"] > 0 and not heal["refused"]  # kept: it beat the start on both halves of the check
+    assert len(heal["halves_before"]) == 2 and all(a < b for a, b in zip(heal["halves_after"], heal["halves_before"]))
     assert heal["checked_on"] == "trajectory"  # FLUX is a rectified-flow model: guarded on a latent trajectory
     assert len(heal["lora_blocks"]) == 3 and len(heal["surrogates"]) == 2
     assert not any("lora" in name for name in model.state_dict())  # merged

@@ -1,13 +1,14 @@
-"""The width-pruning baseline (benchmarks/width_pruning.py) on a tiny random FLUX transformer."""
+"""The width-pruning baseline (benchmarks/width_pruning.py) on tiny random FLUX and SD3 transformers."""
 
 import copy
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import flux_batches, make_flux
-from diffusers import FluxTransformer2DModel
+from conftest import benchmark_script, flux_batches, make_flux, sd3_batches
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
 from blockprune.discovery.flops import count_flops, count_parameters
 from blockprune.errors import BlockpruneError
@@ -106,6 +107,59 @@ def test_bad_keep_names_the_range(keep):
         l1_prune(make_flux(), keep)
 
 
+def tiny_sd3(dual: tuple[int, ...] = ()):
+    # 4 heads of 8, 3 joint blocks (the last one context_pre_only: no to_add_out, no ff_context)
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=16, pooled_projection_dim=8, out_channels=4,
+        qk_norm="rms_norm", dual_attention_layers=dual,
+    ).eval()
+
+
+def test_sd3_keep_one_unchanged_and_half_width_shrinks_every_joint_block():
+    model, batches = tiny_sd3(), sd3_batches(2)
+    before = outputs(model, batches)
+    for got, expected in zip(outputs(l1_prune(copy.deepcopy(model), 1.0), batches), before):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    pruned = l1_prune(copy.deepcopy(model), 0.5)
+    for block in pruned.transformer_blocks:
+        assert block.attn.heads == 2 and block.attn.to_q.out_features == 16 == block.attn.to_out[0].in_features
+        assert block.ff.net[0].proj.out_features == 64 == block.ff.net[2].in_features
+    first, last = pruned.transformer_blocks[0], pruned.transformer_blocks[-1]
+    assert first.attn.to_add_out.in_features == 16 and first.ff_context.net[2].in_features == 64
+    assert last.attn.to_add_out is None and last.ff_context is None
+    assert count_flops(pruned, batches[0]) < 0.7 * count_flops(model, batches[0])
+    got = outputs(pruned, batches)
+    assert got[0].shape == before[0].shape and all(torch.isfinite(g).all() for g in got)
+    target = 0.8 * count_flops(model, batches[0])
+    keep = keep_for_flops(model, batches[0], target)
+    assert count_flops(l1_prune(copy.deepcopy(model), keep), batches[0]) == pytest.approx(target, rel=0.03)
+
+
+def test_sd3_dual_attention_is_refused_by_name():
+    with pytest.raises(BlockpruneError, match=r"transformer_blocks\.0 has a second attention"):
+        l1_prune(tiny_sd3(dual=(0,)), 0.5)
+
+
 def test_not_a_flux_model():
-    with pytest.raises(BlockpruneError, match="FLUX"):
+    with pytest.raises(BlockpruneError, match="FLUX or SD3"):
         l1_prune(torch.nn.Sequential(torch.nn.Linear(4, 4)), 0.5)
+
+
+def test_width_baseline_matches_the_flops_of_the_auto_plan_it_reads(tmp_path, capsys):
+    match = tmp_path / "selection-sd3-small-seed0.json"
+    auto = {"model": "sd3-small", "seed": 0, "ratio": 0.2, "label": "auto", "sandwich": True, "psnr": 19.5,
+            "ssim": 0.7, "accuracy": 0.8, "frechet": 0.2, "compress_s": 60.0,
+            "blocks": ["transformer_blocks.7", "transformer_blocks.6"]}
+    settings = {"model": "sd3-small", "seed": 0, "calibration": 32, "batch_size": 8, "prompts": 64, "steps": 20}
+    match.write_text(json.dumps({**settings, "rows": [auto, {**auto, "sandwich": False}]}))
+    rows = benchmark_script("width_baseline").main(["--quick", "--match", str(match), "--output", str(tmp_path)])
+    assert [r["label"] for r in rows] == ["width + FT 1e-04", "width + FT 1e-03"]
+    assert rows[0]["brll_flops"] < 0.85 and rows[0]["flops"] == pytest.approx(rows[0]["brll_flops"], rel=0.03)
+    assert 0.5 < rows[0]["keep"] < 1 and rows[0]["finetune_steps"] == 3 and len(rows[0]["losses"]) == 3
+    written = json.loads((tmp_path / "width-baseline-sd3-small-seed0.json").read_text())["rows"]
+    assert [(r["label"], r["psnr"], r["keep"]) for r in written] == [(r["label"], r["psnr"], r["keep"]) for r in rows]
+    assert "BRLL + ST (auto)" in capsys.readouterr().out.splitlines()[-3]  # the table comes last
+    with pytest.raises(BlockpruneError, match="no auto row with sandwich training at ratios"):
+        benchmark_script("width_baseline").main(["--quick", "--match", str(match), "--ratios", "0.3"])

@@ -3,7 +3,7 @@
 Both sandwich stages and the global healing stage train through :func:`guarded_training`. It evaluates the
 held-out error before the first step and every ``eval_every`` steps, keeps the best weights seen, stops once
 ``patience`` evaluations in a row bring no improvement, and ends on the best weights, which are the starting
-ones when training never beat them. The rate follows a linear warm-up and a cosine decay; with
+ones when training never beat them (or when the caller's ``accept`` check refuses the best). The rate follows a linear warm-up and a cosine decay; with
 ``lr="auto"`` each rate of the grid (:data:`LR_GRID` unless the caller gives another) first trains a short probe from the same start, and the rate whose
 probe reached the lowest held-out error trains on from where its probe ended.
 """
@@ -65,6 +65,7 @@ class GuardResult:
     steps_run: int
     lr: float | None  # the peak rate the kept weights were trained at; None when the start was kept
     lr_errors: dict[str, float]
+    refused: bool = False  # the best weights beat the start but ``accept`` refused them: the start was kept
 
     @property
     def reverted(self) -> bool:
@@ -137,9 +138,12 @@ def _load(trainable: list[torch.Tensor], values: list[torch.Tensor]) -> None:
 
 def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], torch.Tensor | None],
                      held_error: Callable[[], float], total: int, settings: GuardSettings, seed: int,
-                     name: str) -> GuardResult:
+                     name: str, accept: Callable[[], bool] | None = None) -> GuardResult:
     """Train ``trainable`` on ``step_loss(batch index)`` (``None`` for batches of other ranks) and end on the
-    weights with the lowest ``held_error()`` seen, the starting ones included; see the module docstring."""
+    weights with the lowest ``held_error()`` seen, the starting ones included; see the module docstring.
+
+    ``accept``, if given, is asked once with the best weights loaded (when they are not the start): ``False``
+    puts the start back."""
     start = _snapshot(trainable)
     error_before = held_error()
     _tell(name, 0, settings.steps, error_before)
@@ -173,5 +177,10 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
         else:
             stale += 1
     _load(trainable, best)
+    refused = bool(best_step) and accept is not None and not accept()
+    if refused:
+        _load(trainable, start)
+        best_error, best_step = error_before, 0
     _tell(name, settings.steps, settings.steps, best_error)  # done (an early stop ends the bar too)
-    return GuardResult(error_before, best_error, best_step, trainer.step, trainer.peak if best_step else None, lr_errors)
+    return GuardResult(error_before, best_error, best_step, trainer.step, trainer.peak if best_step else None, lr_errors,
+                       refused)

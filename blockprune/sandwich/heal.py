@@ -6,7 +6,10 @@ model's final output on the training batches at their own noise levels.
 The held-out batches guard it (:mod:`blockprune.sandwich.guard`), so healing never ends worse than it began
 by that check: for rectified-flow models the latents of a short trajectory from noise (as
 ``importance="auto"`` checks plans; one-step outputs improved while sampled images got worse), otherwise
-the one-step outputs. LoRA is merged afterwards, so inference costs nothing extra.
+the one-step outputs. The error is each sample's relative error, geometric mean over samples (as ``auto``
+ranks plans, and as a mean PSNR in dB weighs samples), and the healed weights are kept only when they beat
+the start on each half of the check, not only in sum. LoRA is merged afterwards, so inference costs nothing
+extra.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from ..scoring.auto import (
     TRAJECTORY_STEPS,  # the guard's trajectory is as long as auto's plan checks
 )
 from ..scoring.guidance import Guidance
-from ..scoring.trajectory import latent_check, relative_error
+from ..scoring.trajectory import halves, latent_check, per_sample_error
 from .blockwise import blockwise_backward, checkpointed_blocks
 from .guard import LR_GRID, guarded_training
 from .lora import add_lora, merge_lora, remove_lora
@@ -38,7 +41,8 @@ from .training import autocast, guard_settings, training_attention
 
 @dataclass
 class HealReport:
-    """What healing did: steps, held-out relative output error before and after, the rate, the kept step."""
+    """What healing did: steps, the held-out check's error before and after (each sample's relative error, geometric
+    mean over samples), the rate, the kept step."""
 
     steps: int
     steps_run: int
@@ -46,6 +50,9 @@ class HealReport:
     relative_error_before: float
     relative_error_after: float
     lr: float | None  # the peak rate the kept weights trained at; None when healing was reverted
+    halves_before: list[float] = field(default_factory=list)  # the check's error on each of its halves, at the start
+    halves_after: list[float] = field(default_factory=list)  # and with the best healed weights (before a refusal)
+    refused: bool = False  # the best healed weights won in sum but not on both halves, so the start was kept
     lr_errors: dict[str, float] = field(default_factory=dict)
     checked_on: str = "outputs"  # the guard's check: "trajectory" (rectified flow) or one-step "outputs"
     lora_blocks: list[str] = field(default_factory=list)
@@ -104,10 +111,22 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
     before = _Before(model, {name: modules[name] for name in surrogates + full})
     world, rank = distributed.world_size(), distributed.rank() if distributed.active() else 0
     kind, measure = guard_check(model, adapter, held, guidance)
+    measured: dict[str, list[float]] = {}  # the halves' errors at the start ("before") and at the best ("after")
+
+    def held_errors() -> tuple[float, list[float]]:
+        with torch.no_grad(), autocast(device):
+            got = measure()
+        parts = [per_sample_error(g, e) for g, e in zip(halves(got), halves(held_reference))]
+        return per_sample_error(got, held_reference), parts
 
     def held_error() -> float:
-        with torch.no_grad(), autocast(device):
-            return relative_error(measure(), held_reference)
+        error, parts = held_errors()
+        measured.setdefault("before", parts)
+        return error
+
+    def better_on_both_halves() -> bool:
+        measured["after"] = held_errors()[1]
+        return all(a < b for a, b in zip(measured["after"], measured["before"]))
 
     def step_loss(index: int) -> torch.Tensor | None:
         if index % world != rank:
@@ -126,7 +145,7 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
             with _backward_memory(offload, trainable, list(modules.values()), options, device), \
                     _float32_calls({modules[name]: before.dtypes[name] for name in full}):
                 result = guarded_training(trainable, step_loss, held_error, len(train), settings, seed,
-                                          "global healing")
+                                          "global healing", accept=better_on_both_halves)
         except BaseException:
             for name in [] if full else kept:
                 remove_lora(modules[name])
@@ -136,7 +155,8 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
         merge_lora(modules[name])
     before.cast_back()
     return HealReport(options.heal_steps, result.steps_run, result.best_step, result.error_before, result.error_after,
-                      result.lr, result.lr_errors, kind, lora_blocks, list(surrogates) if options.train_surrogates else [],
+                      result.lr, measured.get("before", []), measured.get("after", []), result.refused, result.lr_errors,
+                      kind, lora_blocks, list(surrogates) if options.train_surrogates else [],
                       time.perf_counter() - started, guidance.scale if guidance and kind == "trajectory" else 1.0,
                       options.heal_kept)
 

@@ -15,7 +15,7 @@ from torch import nn
 from ..brll.replacement import fit_surrogate
 from ..discovery.spec import Block
 from ..runtime.forward import model_device
-from .trajectory import relative_error
+from .trajectory import halves, relative_error
 
 
 class PlanEvaluator:
@@ -83,8 +83,8 @@ class PlanEvaluator:
                 self.restored += 1
             else:
                 self._save(label, self._check(names))
-            self.errors[key], *halves = self.saved[label]
-            self.halves[key] = tuple(halves)  # type: ignore[assignment]
+            self.errors[key], *parts = self.saved[label]
+            self.halves[key] = tuple(parts)  # type: ignore[assignment]
         return self.errors[key]
 
     def first_half_error(self, names: list[str]) -> float:
@@ -120,8 +120,8 @@ class PlanEvaluator:
             else:  # the two halves interleaved back into the order a whole measurement gives
                 second = self.measure.half(1)  # type: ignore[attr-defined]
                 measured = [t for pair in itertools.zip_longest(first, second) for t in pair if t is not None]
-        halves = [self.aggregate(got, expected) for got, expected in zip(_halves(measured), _halves(reference))]
-        return [self.aggregate(measured, reference), *halves]
+        parts = [self.aggregate(got, expected) for got, expected in zip(halves(measured), halves(reference))]
+        return [self.aggregate(measured, reference), *parts]
 
     def better_on_both_halves(self, names: list[str], than: list[str]) -> bool:
         """Whether ``names`` has the lower error on each half of the check (its images, or its batches), not only in
@@ -129,14 +129,3 @@ class PlanEvaluator:
         self.error(names), self.error(than)
         mine, theirs = self.halves[tuple(sorted(names))], self.halves[tuple(sorted(than))]
         return all(a < b for a, b in zip(mine, theirs))
-
-
-def _halves(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The measured tensors in two halves: alternate tensors, or the two halves of a single batch."""
-    if len(tensors) > 1:
-        return tensors[0::2], tensors[1::2]
-    (only,) = tensors
-    if only.shape[0] < 2:
-        return [only], [only]
-    first, second = only.chunk(2)
-    return [first], [second]

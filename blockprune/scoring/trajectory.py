@@ -92,7 +92,7 @@ class LatentCheck:
         return [self.measure_one(k) for k in range(self.count)]
 
     def half(self, part: int) -> list[torch.Tensor]:
-        """The even (``part`` 0) or odd (1) tensors alone (with fewer than two, :func:`_halves` halves a batch)."""
+        """The even (``part`` 0) or odd (1) tensors alone (with fewer than two, :func:`halves` halves a batch)."""
         if self.count < 2:
             raise BlockpruneError("a check of one tensor is halved within its batch, not measured by halves")
         return [self.measure_one(k) for k in range(part, self.count, 2)]
@@ -112,6 +112,17 @@ def latent_check(model: nn.Module, batches: list[Mapping[str, Any]], time_scale:
             return flow_trajectory(model, batch, index, float(time_scale), steps, guidance, k)
         return LatentCheck(trajectory, len(runs))
     return LatentCheck(lambda k: output_tensor(forward_batch(model, batches[k], k)), len(batches))
+
+
+def halves(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The measured tensors in two halves: alternate tensors, or the two halves of a single batch."""
+    if len(tensors) > 1:
+        return tensors[0::2], tensors[1::2]
+    (only,) = tensors
+    if only.shape[0] < 2:
+        return [only], [only]
+    first, second = only.chunk(2)
+    return [first], [second]
 
 
 def relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
