@@ -111,22 +111,7 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
     before = _Before(model, {name: modules[name] for name in surrogates + full})
     world, rank = distributed.world_size(), distributed.rank() if distributed.active() else 0
     kind, measure = guard_check(model, adapter, held, guidance)
-    measured: dict[str, list[float]] = {}  # the halves' errors at the start ("before") and at the best ("after")
-
-    def held_errors() -> tuple[float, list[float]]:
-        with torch.no_grad(), autocast(device):
-            got = measure()
-        parts = [per_sample_error(g, e) for g, e in zip(halves(got), halves(held_reference))]
-        return per_sample_error(got, held_reference), parts
-
-    def held_error() -> float:
-        error, parts = held_errors()
-        measured.setdefault("before", parts)
-        return error
-
-    def better_on_both_halves() -> bool:
-        measured["after"] = held_errors()[1]
-        return all(a < b for a, b in zip(measured["after"], measured["before"]))
+    check = _HeldCheck(measure, held_reference, device)
 
     def step_loss(index: int) -> torch.Tensor | None:
         if index % world != rank:
@@ -144,8 +129,8 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
             settings = guard_settings(options, steps=options.heal_steps, grid=FULL_LR_GRID if full else LR_GRID)
             with _backward_memory(offload, trainable, list(modules.values()), options, device), \
                     _float32_calls({modules[name]: before.dtypes[name] for name in full}):
-                result = guarded_training(trainable, step_loss, held_error, len(train), settings, seed,
-                                          "global healing", accept=better_on_both_halves)
+                result = guarded_training(trainable, step_loss, check.error, len(train), settings, seed,
+                                          "global healing", accept=check.better_on_both_halves)
         except BaseException:
             for name in [] if full else kept:
                 remove_lora(modules[name])
@@ -155,10 +140,38 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
         merge_lora(modules[name])
     before.cast_back()
     return HealReport(options.heal_steps, result.steps_run, result.best_step, result.error_before, result.error_after,
-                      result.lr, measured.get("before", []), measured.get("after", []), result.refused, result.lr_errors,
+                      result.lr, check.halves_before, check.halves_after, result.refused, result.lr_errors,
                       kind, lora_blocks, list(surrogates) if options.train_surrogates else [],
                       time.perf_counter() - started, guidance.scale if guidance and kind == "trajectory" else 1.0,
                       options.heal_kept)
+
+
+class _HeldCheck:
+    """Healing's held-out check: each sample's relative error (geometric mean over samples) against the unpruned
+    model's reference, in sum and on each half of the check; the halves of the first measurement are the start's."""
+
+    def __init__(self, measure: Callable[[], list[torch.Tensor]], reference: list[torch.Tensor],
+                 device: torch.device) -> None:
+        self.measure, self.reference, self.device = measure, reference, device
+        self.halves_before: list[float] = []
+        self.halves_after: list[float] = []  # with the best healed weights, when they were asked about
+
+    def _errors(self) -> tuple[float, list[float]]:
+        with torch.no_grad(), autocast(self.device):
+            got = self.measure()
+        parts = [per_sample_error(g, e) for g, e in zip(halves(got), halves(self.reference))]
+        return per_sample_error(got, self.reference), parts
+
+    def error(self) -> float:
+        """The error in sum (the guard's figure)."""
+        error, parts = self._errors()
+        self.halves_before = self.halves_before or parts
+        return error
+
+    def better_on_both_halves(self) -> bool:
+        """Whether the weights now loaded beat the start on each half of the check, not only in sum."""
+        self.halves_after = self._errors()[1]
+        return all(a < b for a, b in zip(self.halves_after, self.halves_before))
 
 
 class _Before:
