@@ -21,12 +21,13 @@ from .errors import BlockpruneError
 from .native import attach_save_method, refuse_unfused_lora
 from .plan import PLAN_ATTRIBUTE, Plan, StageLog, transformer_of
 from .progress import mark_cached, progress_bars
-from .progressive import InterruptGuard, Progressive
+from .progressive import Progressive
 from .report import output_console, print_plan
 from .run import Run, prepare_run
 from .runtime import distributed
 from .runtime.fingerprint import data_fingerprint, model_fingerprint
 from .runtime.forward import evaluation_mode, model_device
+from .runtime.interrupt import InterruptGuard
 from .runtime.workdir import Workdir
 from .sandwich.reuse import LOG_ATTRIBUTE, assemble
 from .scoring import resolve_metrics

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import signal
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -16,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .brll.recording import numbered_as
+from .brll.recording import numbered_as, riding
 from .brll.replacement import replace_block
 from .brll.surrogate import LinearSurrogate
 from .config import SandwichConfig
@@ -25,11 +23,13 @@ from .errors import BlockpruneError, CompressionInterrupted
 from .plan import Plan, ReplacedBlock, StageLog, StageReport, StreamReport
 from .progress import mark_cached, training_bar
 from .runtime.forward import model_device
+from .runtime.interrupt import InterruptGuard
 from .runtime.workdir import Workdir
 from .sandwich import train_stage
 from .sandwich.guard import training_progress
 from .sandwich.heal import heal, reference_check, reference_outputs
 from .sandwich.reuse import components_to_tensors, tensors_to_components
+from .sandwich.stage import span_capture
 from .scoring.auto import AUTO, auto_select
 from .scoring.selection import ImportanceTable, score_run
 
@@ -37,29 +37,6 @@ if TYPE_CHECKING:
     from .run import Run
 
 logger = logging.getLogger("blockprune")
-
-
-class InterruptGuard:
-    """Turns the first Ctrl-C into a request to stop at the next safe point; a second one stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("interrupt: stopping after the current stage (press Ctrl-C again to stop now)")
-
-    def __enter__(self) -> InterruptGuard:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 def split_indices(count: int, share: float, held_out: float, seed: int) -> tuple[list[int], list[int], list[int]]:
@@ -232,20 +209,27 @@ class Progressive:
         self._stages_bar(bars)
         self._keep_original([name])
         home = model_device(model.get_submodule(name))
-        with self._timed("least_squares"), numbered_as(self.least_squares_indices):
-            entry = replace_block(model, self.by_name[name], self.least_squares, config.ridge, config.record_device,
-                                  config.surrogate)
+        folder = self.workdir.activations(step) if self.workdir is not None and self.sandwich is not None else None
+        capture = None if self.sandwich is None else span_capture(self.run.blocks, self.replaced, name, self.train,
+                                                                  self.least_squares, self.sandwich, folder)
+        try:
+            with self._timed("least_squares"), numbered_as(self.least_squares_indices), riding(capture):
+                entry = replace_block(model, self.by_name[name], self.least_squares, config.ridge,
+                                      config.record_device, config.surrogate)
+        except BaseException:
+            if capture is not None:
+                capture.store.close()
+            raise
         entry.score = self.table.scores.get(name) if self.table is not None else None
         self.replaced.add(name)
         report, trained, lora = None, {}, {}
         if self.sandwich is not None:
-            folder = self.workdir.activations(step) if self.workdir is not None else None
             try:
                 with self._timed("sandwich"), training_progress(training_bar(bars)):
                     report, trained, lora = train_stage(model, self.run.adapter, self.run.blocks, self.replaced, name,
                                                       self.train, self.held, self.originals, self.sandwich,
                                                       self.seed + step, folder, self.keep_activations,
-                                                      self.run.offload)
+                                                      self.run.offload, capture)
             except BaseException:
                 model.set_submodule(name, copy.deepcopy(self.originals[name]).to(home))
                 self.replaced.discard(name)

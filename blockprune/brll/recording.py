@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -84,6 +85,45 @@ def numbered_as(indices: list[int]) -> Iterator[None]:
         raise
 
 
+class Rider(Protocol):
+    """Work that rides along the first recording pass over ``batches`` (:func:`riding`): forward pre-hooks by
+    block path, called around each of this rank's forwards, and ``reached`` once it has what it needs from the
+    current forward. The pass sets ``stop``, which the rider calls on reaching it, and ``served`` at its end."""
+
+    batches: list[Any]
+    reached: bool
+    served: bool
+    stop: Callable[[], None]
+
+    def hooks(self) -> dict[str, Callable]: ...
+
+    def begin(self) -> None: ...
+
+    def end(self) -> None: ...
+
+
+_rider: ContextVar[Rider | None] = ContextVar("blockprune_rider", default=None)
+
+
+@contextlib.contextmanager
+def riding(rider: Rider | None) -> Iterator[None]:
+    """Inside, the first :func:`record_blocks` pass over exactly ``rider.batches`` (the same objects, in order)
+    also runs ``rider``'s hooks and goes on until it is reached, so that one forward per batch serves both;
+    ``rider.served`` tells whether that happened. ``None`` does nothing."""
+    token = _rider.set(rider)
+    try:
+        yield
+    finally:
+        _rider.reset(token)
+
+
+def _rides(batches: list[Any]) -> Rider | None:
+    rider = _rider.get()
+    if rider is None or rider.served or len(rider.batches) != len(batches):
+        return None
+    return rider if all(a is b for a, b in zip(rider.batches, batches)) else None
+
+
 def stream_pairs(block: Block, bound: dict[str, Any], output: Any):
     """``(stream, input, output)`` for each stream of ``block`` in one call."""
     if isinstance(block.spec.outputs, str):
@@ -124,6 +164,11 @@ def record_blocks(
         device = model_device(model)
     accumulators = {b.name: {s: StreamAccumulator(d, device) for s, d in b.stream_dims.items()} for b in blocks}
     current = {"batch": 0, "seen": set()}
+    rider = _rides(batches)
+
+    def stop() -> None:
+        if stop_early and len(current["seen"]) == len(blocks) and (rider is None or rider.reached):
+            raise StopForward
 
     def make_hook(block: Block):
         def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -134,15 +179,23 @@ def record_blocks(
                     raise non_finite_error(stream, block.name, current["batch"])
                 accumulators[block.name][stream].update(x, y)
             current["seen"].add(block.name)
-            if stop_early and len(current["seen"]) == len(blocks):
-                raise StopForward
+            stop()
 
         return hook
 
-    with attached(model, {b.name: make_hook(b) for b in blocks}):
+    if rider is not None:
+        rider.stop = stop
+    with attached(model, {b.name: make_hook(b) for b in blocks}), \
+            attached(model, rider.hooks() if rider is not None else {}, pre=True):
         for index, batch in distributed.shard(list(enumerate(batches))):
             current["batch"], current["seen"] = index, set()
+            if rider is not None:
+                rider.begin()
             forward_batch(model, batch, index)
+            if rider is not None:
+                rider.end()
+    if rider is not None:
+        rider.served = True
     for streams in accumulators.values():
         for accumulator in streams.values():
             accumulator.reduce_over_ranks()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,18 @@ from ..discovery.spec import Block
 from ..plan import StageReport
 from ..runtime import distributed
 from ..runtime.forward import model_device, to_device
-from .data import ActivationStore, record_block_outputs, record_span_inputs
+from .data import (
+    ActivationStore,
+    SpanCapture,
+    record_block_outputs,
+    record_span_inputs,
+    same_samples,
+)
 from .lora import add_lora, lora_factors, merge_lora, remove_lora
 from .span import sandwich_span
 from .training import autocast, evaluate_span, span_forward, train_span
+
+logger = logging.getLogger("blockprune")
 
 Stores = tuple[ActivationStore, ActivationStore, ActivationStore, ActivationStore]
 
@@ -53,6 +62,7 @@ def train_stage(
     spill_folder: Path | None = None,
     keep_spilled: bool = False,
     offload: Any = None,
+    recorded: SpanCapture | None = None,
 ) -> tuple[StageReport, dict[str, Any], dict[str, Any]]:
     """Train the sandwich around ``new_block`` (already replaced) and merge the result into ``model``.
 
@@ -62,24 +72,40 @@ def train_stage(
     and the LoRA factors. Training is guarded (:mod:`blockprune.sandwich.guard`): the span ends on the weights
     with the lowest held-out error seen, its starting ones included. On any error (a NaN or Inf loss raises
     :class:`~blockprune.errors.SandwichDivergedError`) the span is put back as it was before the stage. With ``offload`` (an :class:`blockprune.runtime.offload.Offload`) only the span stays on the accelerator.
+    ``recorded``, from :func:`span_capture`, holds the training batches' span samples if the least-squares pass
+    recorded them along the way (checked on the first batch against the model as it is now).
     """
     if offload is None:
         return _train_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals,
-                            options, seed, spill_folder, keep_spilled)
+                            options, seed, spill_folder, keep_spilled, recorded)
     names = [b.name for b in blocks]
     with offload.pinned(sandwich_span(names, replaced, names.index(new_block), options.width)):
         return _train_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals,
-                            options, seed, spill_folder, keep_spilled)
+                            options, seed, spill_folder, keep_spilled, recorded)
+
+
+def span_capture(blocks: list[Block], replaced: set[str], new_block: str, train_batches: list[dict[str, Any]],
+                 least_squares_batches: list[dict[str, Any]], options: SandwichConfig,
+                 spill_folder: Path | None = None) -> SpanCapture | None:
+    """What records the training batches' span samples while the least squares of ``new_block`` are recorded (both
+    need the same forwards as far as ``new_block``, which the replacement does not change), for :func:`train_stage`;
+    ``None`` unless the training batches are the least-squares batches, as by default (``sandwich_split=1``)."""
+    if len(train_batches) != len(least_squares_batches) or any(
+            a is not b for a, b in zip(train_batches, least_squares_batches)):
+        return None
+    names, by_name = [b.name for b in blocks], {b.name: b for b in blocks}
+    span = [by_name[n] for n in sandwich_span(names, replaced | {new_block}, names.index(new_block), options.width)]
+    return SpanCapture(span, least_squares_batches, ActivationStore(options.activation_budget, spill_folder))
 
 
 def _train_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals, options, seed,
-                 spill_folder, keep_spilled):
+                 spill_folder, keep_spilled, recorded):
     started = time.perf_counter()
     device = model_device(model)
     span = _open_span(model, blocks, replaced, new_block, originals, options.width)
     total_train = len(train_batches)
     stores = _record(model, span, originals, distributed.shard(train_batches), distributed.shard(held_batches),
-                     options, device, spill_folder)
+                     options, device, spill_folder, recorded)
     _, held_inputs, _, held_targets = stores
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -126,14 +152,36 @@ def _open_span(model, blocks, replaced, new_block, originals, width) -> _Span:
     )
 
 
-def _record(model, span: _Span, originals, train_batches, held_batches, options, device, spill_folder) -> Stores:
+def _record(model, span: _Span, originals, train_batches, held_batches, options, device, spill_folder,
+            recorded: SpanCapture | None) -> Stores:
     """(train inputs, held-out inputs, train targets, held-out targets) of the span, for this rank's batches."""
     budget = options.activation_budget
-    train_inputs = record_span_inputs(model, span.blocks, train_batches, budget, spill_folder)
+    train_inputs = _recorded_inputs(model, span, train_batches, recorded)
+    if train_inputs is None:
+        train_inputs = record_span_inputs(model, span.blocks, train_batches, budget, spill_folder)
     held_inputs = record_span_inputs(model, span.blocks, held_batches, budget, spill_folder)
     train_targets, held_targets = _targets(model, span, originals, train_batches, held_batches, train_inputs,
                                            held_inputs, options, device, spill_folder)
     return train_inputs, held_inputs, train_targets, held_targets
+
+
+def _recorded_inputs(model, span: _Span, train_batches, recorded: SpanCapture | None) -> ActivationStore | None:
+    """``recorded``'s samples if it recorded this span on every training batch and its first sample equals what the
+    model as it is now gives (a model whose block arguments depend on a replaced block's output would differ)."""
+    if recorded is None:
+        return None
+    if not recorded.served or [b.name for b in recorded.span] != span.names or len(recorded.store) != len(train_batches):
+        recorded.store.close()
+        return None
+    first = record_span_inputs(model, span.blocks, train_batches[:1], recorded.store.budget)
+    same = same_samples(recorded.store[0], first[0])
+    first.close()
+    if same:
+        return recorded.store
+    logger.info("sandwich %s: span inputs recorded with the least squares differ from the model's; recording again",
+                "+".join(span.names))
+    recorded.store.close()
+    return None
 
 
 def _targets(model, span: _Span, originals, train_batches, held_batches, train_inputs, held_inputs, options, device,
