@@ -27,17 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from toy_rows import image_scores, write_rows
+from toy_rows import Setting, write_rows
 
 import blockprune
 from blockprune.errors import BlockpruneError
-from blockprune.runtime.forward import to_device
 from blockprune.toy import (
     ToyPipeline,
-    calibration_batches,
-    dataset_images,
-    evaluation_prompts,
-    generate,
 )
 
 ADAPTER = {"flux-small": "flux", "sd3-small": "sd3", "flux-deep": "flux"}
@@ -91,15 +86,8 @@ def chosen_blocks(pipe: ToyPipeline, ratio: float, common: dict, selection: Path
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    torch.manual_seed(args.seed)
-    pipe = ToyPipeline.from_pretrained(args.model).to(args.device)
-    calibration = to_device(calibration_batches(pipe, args.calibration, seed=1000 + args.seed,
-                                                batch_size=args.batch_size, unconditional=args.unconditional),
-                            pipe.device)
-    prompts = evaluation_prompts(args.prompts, "train", seed=30_000)
-    seeds = list(range(30_000, 30_000 + args.prompts))
-    teacher = generate(pipe, prompts, seeds, args.steps)
-    reference = dataset_images(prompts, seed=30_000)
+    setting = Setting.of(args, unconditional=args.unconditional)
+    pipe, calibration = setting.pipe, setting.calibration
     common = {"adapter": ADAPTER[args.model], "calibration": calibration, "seed": args.seed, "progress": False,
               "cache_dir": False}
     extra = {"sandwich_steps": 3, "sandwich_eval_every": 1} if args.quick else {}
@@ -116,13 +104,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                                 **(extra if sandwich else {}), **options)
             seconds = time.perf_counter() - started
             plan = blockprune.plan(model)
-            images = generate(model, prompts, seeds, args.steps)
             row = {"model": args.model, "seed": args.seed, "ratio": ratio, "label": label, "compress_s": seconds,
                    "phases_s": plan.seconds, "blocks": order,
                    "stages": [{"before": s.relative_error_before, "after": s.relative_error_after,
                                "best_step": s.best_step, "steps_run": s.steps_run, "lr": s.lr} for s in plan.stages],
                    "heal": plan.heal or None,
-                   **image_scores(images, teacher, prompts, reference)}
+                   **setting.scores(model, args.steps)}
             rows.append(row)
             reverted = sum(s["best_step"] == 0 for s in row["stages"])
             print(f"{args.model} {ratio:.0%} {label:<22} psnr {row['psnr']:6.2f} acc {row['accuracy']:.3f} "

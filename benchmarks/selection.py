@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -24,17 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from toy_rows import image_scores, write_rows
+from toy_rows import Setting, write_rows
 
 import blockprune
-from blockprune.runtime.forward import to_device
-from blockprune.toy import (
-    ToyPipeline,
-    calibration_batches,
-    dataset_images,
-    evaluation_prompts,
-    generate,
-)
+from blockprune.errors import BlockpruneError
+from blockprune.toy import ToyPipeline
 
 ADAPTER = {"flux-small": "flux", "sd3-small": "sd3", "flux-deep": "flux"}
 SIGNALS = {  # label -> compress options
@@ -68,6 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "docs/results/selection")))
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="score cache shared by the rows (default: none, every row scores afresh)")
+    parser.add_argument("--auto-blocks-from", type=Path, default=None,
+                        help="selection.py JSON of the same model and seed: the auto rows replace the blocks its "
+                             "least-squares auto row chose at the same ratio instead of selecting again (the "
+                             "selection does not depend on sandwich training), so an auto row with sandwich "
+                             "training costs what a fixed order does")
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: tiny counts")
     args = parser.parse_args(argv)
     if args.quick:
@@ -75,34 +75,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def chosen_before(path: Path, args: argparse.Namespace, ratio: float) -> list[str]:
+    """The blocks that the least-squares ``auto`` row of ``path`` (same model and seed) replaced at ``ratio``."""
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if (saved["model"], saved["seed"]) != (args.model, args.seed):
+        raise BlockpruneError(f"{path} is {saved['model']} seed {saved['seed']}, not {args.model} seed {args.seed}")
+    found = [r["blocks"] for r in saved["rows"] if r["label"] == "auto" and not r["sandwich"] and r["ratio"] == ratio]
+    if not found:
+        raise BlockpruneError(f"{path} has no least-squares auto row at ratio {ratio}")
+    return found[0]
+
+
 def run_row(pipe, label, ratio, sandwich, calibration, args) -> tuple[ToyPipeline, dict]:
     model = copy.deepcopy(pipe)
     options = {"sandwich_steps": 3 if args.quick else 100, **SIGNALS[label]}
+    reused = label == "auto" and args.auto_blocks_from is not None
+    if reused:
+        options = {"sandwich_steps": options["sandwich_steps"], "order": chosen_before(args.auto_blocks_from, args, ratio)}
     started = time.perf_counter()
     blockprune.compress(model, adapter=ADAPTER[args.model], ratio=ratio, calibration=calibration, seed=args.seed,
                         sandwich=sandwich, progress=False, cache_dir=args.cache_dir or False, **options)
     plan = blockprune.plan(model)
     return model, {"blocks": plan.replaced_names, "compress_s": time.perf_counter() - started,
-                   "selection": plan.selection or None}
+                   "selection": plan.selection or None,
+                   "blocks_from": str(args.auto_blocks_from) if reused else None}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    torch.manual_seed(args.seed)
-    pipe = ToyPipeline.from_pretrained(args.model).to(args.device)
-    calibration = to_device(calibration_batches(pipe, args.calibration, seed=1000 + args.seed,
-                                                batch_size=args.batch_size), pipe.device)
-    prompts = evaluation_prompts(args.prompts, "train", seed=30_000)
-    seeds = list(range(30_000, 30_000 + args.prompts))
-    teacher = generate(pipe, prompts, seeds, args.steps)
-    reference = dataset_images(prompts, seed=30_000)
+    setting = Setting.of(args)
     rows = []
     for sandwich in (True,) if args.sandwich_only else (False, True) if args.sandwich else (False,):
         for ratio in args.ratios:
             for label in args.labels:
-                model, row = run_row(pipe, label, ratio, sandwich, calibration, args)
-                images = generate(model, prompts, seeds, args.steps)
+                model, row = run_row(setting.pipe, label, ratio, sandwich, setting.calibration, args)
                 row.update({"model": args.model, "seed": args.seed, "ratio": ratio, "sandwich": sandwich,
-                            "label": label, **image_scores(images, teacher, prompts, reference)})
+                            "label": label, **setting.scores(model, args.steps)})
                 rows.append(row)
                 print(f"{args.model} {ratio:.0%} {'ST' if sandwich else 'LS'} {label:<20} psnr {row['psnr']:6.2f} "
                       f"acc {row['accuracy']:.3f} {row['compress_s']:6.1f} s", flush=True)

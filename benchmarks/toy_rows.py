@@ -1,17 +1,57 @@
-"""What the toy-model quality benchmarks (selection.py, healing.py) share: image scores of a row and its JSON."""
+"""What the toy-model quality benchmarks (selection.py, healing.py, width_baseline.py) share: the trained model with
+its calibration and the unpruned model's images, the image scores of a row, and the JSON."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 
 import torch
 
+from blockprune.runtime.forward import to_device
 from blockprune.toy import (
+    ToyPipeline,
     attribute_accuracy,
+    calibration_batches,
     checker_frechet_distance,
+    dataset_images,
+    evaluation_prompts,
+    generate,
     teacher_fidelity,
 )
+
+
+@dataclass
+class Setting:
+    """A trained toy model on ``args.device``, its calibration batches (seed 1000 + the run's seed), the evaluation
+    prompts and noise seeds (30,000 on), the unpruned model's images of them and the dataset's images."""
+
+    pipe: ToyPipeline
+    calibration: list[dict]
+    prompts: list[str]
+    seeds: list[int]
+    teacher: torch.Tensor
+    reference: torch.Tensor
+
+    @classmethod
+    def of(cls, args: argparse.Namespace, unconditional: float = 0.0) -> Setting:
+        """The setting of ``args`` (``model``, ``seed``, ``device``, ``calibration``, ``batch_size``, ``prompts``,
+        ``steps``); ``unconditional`` is the share of calibration samples given the empty prompt."""
+        torch.manual_seed(args.seed)
+        pipe = ToyPipeline.from_pretrained(args.model).to(args.device)
+        calibration = to_device(calibration_batches(pipe, args.calibration, seed=1000 + args.seed,
+                                                    batch_size=args.batch_size, unconditional=unconditional),
+                                pipe.device)
+        prompts = evaluation_prompts(args.prompts, "train", seed=30_000)
+        seeds = list(range(30_000, 30_000 + args.prompts))
+        return cls(pipe, calibration, prompts, seeds, generate(pipe, prompts, seeds, args.steps),
+                   dataset_images(prompts, seed=30_000))
+
+    def scores(self, model: ToyPipeline, steps: int) -> dict:
+        """:func:`image_scores` of ``model``'s images of the setting's prompts and noise."""
+        return image_scores(generate(model, self.prompts, self.seeds, steps), self.teacher, self.prompts,
+                            self.reference)
 
 
 def image_scores(images: torch.Tensor, teacher: torch.Tensor, prompts: list[str], reference: torch.Tensor) -> dict:

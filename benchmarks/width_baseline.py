@@ -26,20 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from toy_rows import image_scores, write_rows
+from toy_rows import Setting, write_rows
 from width_pruning import finetune, keep_for_flops, l1_prune
 
 import blockprune
 from blockprune.discovery.flops import count_flops
 from blockprune.errors import BlockpruneError
-from blockprune.runtime.forward import to_device
-from blockprune.toy import (
-    ToyPipeline,
-    calibration_batches,
-    dataset_images,
-    evaluation_prompts,
-    generate,
-)
 
 ADAPTER = {"flux-small": "flux", "sd3-small": "sd3", "flux-deep": "flux"}
 
@@ -67,14 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    torch.manual_seed(args.seed)
-    pipe = ToyPipeline.from_pretrained(args.model).to(args.device)
-    calibration = to_device(calibration_batches(pipe, args.calibration, seed=1000 + args.seed,
-                                                batch_size=args.batch_size), pipe.device)
-    prompts = evaluation_prompts(args.prompts, "train", seed=30_000)
-    seeds = list(range(30_000, 30_000 + args.prompts))
-    teacher = generate(pipe, prompts, seeds, args.steps)
-    reference = dataset_images(prompts, seed=30_000)
+    setting = Setting.of(args)
+    pipe, calibration = setting.pipe, setting.calibration
     full_flops = count_flops(pipe.transformer, calibration[0])
     rows = []
     for brll in args.brll:
@@ -91,12 +77,11 @@ def run(args: argparse.Namespace) -> list[dict]:
             losses = finetune(model.transformer, pipe.transformer, calibration, args.finetune_steps, lr=lr,
                               seed=args.seed)
             seconds = time.perf_counter() - started
-            images = generate(model, prompts, seeds, args.steps)
             row = {"model": args.model, "seed": args.seed, "ratio": brll["ratio"], "label": f"width + FT {lr:.0e}",
                    "keep": keep, "lr": lr, "finetune_steps": args.finetune_steps, "compress_s": seconds,
                    "flops": count_flops(model.transformer, calibration[0]) / full_flops,
                    "brll_flops": target / full_flops, "losses": losses[:: max(1, len(losses) // 20)],
-                   **image_scores(images, teacher, prompts, reference)}
+                   **setting.scores(model, args.steps)}
             rows.append(row)
             print(f"{args.model} {brll['ratio']:.0%} {row['label']:<18} keep {keep:.3f} psnr {row['psnr']:6.2f} "
                   f"acc {row['accuracy']:.3f} {seconds:6.1f} s", flush=True)
