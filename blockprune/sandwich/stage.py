@@ -173,6 +173,8 @@ def _recorded_inputs(model, span: _Span, train_batches, recorded: SpanCapture | 
     if not recorded.served or [b.name for b in recorded.span] != span.names or len(recorded.store) != len(train_batches):
         recorded.store.close()
         return None
+    if not train_batches:  # this rank's share of a small calibration under a distributed launch
+        return recorded.store
     first = record_span_inputs(model, span.blocks, train_batches[:1], recorded.store.budget)
     same = same_samples(recorded.store[0], first[0])
     first.close()
