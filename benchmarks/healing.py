@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from toy_rows import Setting, write_rows
+from toy_rows import ADAPTER, Setting, write_rows
 
 import blockprune
 from blockprune.errors import BlockpruneError
@@ -35,7 +35,6 @@ from blockprune.toy import (
     ToyPipeline,
 )
 
-ADAPTER = {"flux-small": "flux", "sd3-small": "sd3", "flux-deep": "flux"}
 OLD = {"sandwich_lr": 1e-4, "sandwich_split": 0.5, "sandwich_held_out": 0.2}  # ~ the old 0.25 of the half
 VARIANTS = {  # label -> (sandwich, options)
     "LS only": (False, {}),

@@ -25,13 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from toy_rows import Setting, write_rows
+from toy_rows import ADAPTER, Setting, write_rows
 
 import blockprune
 from blockprune.errors import BlockpruneError
 from blockprune.toy import ToyPipeline
 
-ADAPTER = {"flux-small": "flux", "sd3-small": "sd3", "flux-deep": "flux"}
 SIGNALS = {  # label -> compress options
     "start2end": {"order": "start2end"},
     "end2start": {"order": "end2start"},

@@ -21,6 +21,8 @@ from blockprune.toy import (
     teacher_fidelity,
 )
 
+ADAPTER = {"flux-small": "flux", "sd3-small": "sd3", "flux-deep": "flux"}  # each trained model's adapter
+
 
 @dataclass
 class Setting:

@@ -26,14 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from toy_rows import Setting, write_rows
+from toy_rows import ADAPTER, Setting, write_rows
 from width_pruning import finetune, keep_for_flops, l1_prune
 
 import blockprune
 from blockprune.discovery.flops import count_flops
 from blockprune.errors import BlockpruneError
-
-ADAPTER = {"flux-small": "flux", "sd3-small": "sd3", "flux-deep": "flux"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
