@@ -238,3 +238,17 @@ def counting():
     blockprune.register_plugin(plugin)
     yield plugin.metric
     blockprune.unregister_plugin(plugin)
+
+
+TRAINED_STEPS = 8  # sampling steps of the trained-model tests; the ranking of the methods does not need the full 20
+TRAINED_SEEDS = list(range(100, 116))
+
+
+@pytest.fixture(scope="module")
+def flux_small():
+    """The trained ``flux-small`` toy pipeline and its images of 16 prompts (``evaluation_prompts(16, seed=1)``)."""
+    from blockprune.toy import ToyPipeline, evaluation_prompts, generate
+
+    pipe = ToyPipeline.from_pretrained("flux-small")
+    return pipe, generate(pipe, evaluation_prompts(16, seed=1), TRAINED_SEEDS, TRAINED_STEPS)
+

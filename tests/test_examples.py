@@ -22,10 +22,10 @@ def run_example(script, *argv, cwd):
 
 @pytest.mark.parametrize(
     ("script", "extra", "blocks", "replaced"),
-    [("flux/compress_flux.py", ["--model", "flux-random", "--no-sandwich"], 20, 2),
+    [("flux/compress_flux.py", ["--model", "flux-random", "--no-sandwich", "--importance", "fit_residual"], 20, 2),
      ("sd3/compress_sd3.py", ["--sandwich-steps", 3], 6, 1)],
     ids=["flux-least-squares", "sd3-sandwich"],
-)
+)  # fit_residual: this checks the example's own work; importance="auto" (compress's default) runs in test_demo
 def test_tiny_mode_compresses_saves_and_reports(tmp_path, script, extra, blocks, replaced):
     result = run_example(script, "--tiny", *extra, "--output", tmp_path / "out", "--calibration-batches", 5, "--ratio", 0.1,
                          "--latency-repeats", 2, cwd=tmp_path)
