@@ -43,6 +43,10 @@ VARIANTS = {  # label -> (sandwich, options)
     "ST new + heal 100": (True, {"heal_steps": 100}),
     "ST new + heal 300": (True, {"heal_steps": 300}),
     "ST new + heal 100 full": (True, {"heal_steps": 100, "heal_kept": "full"}),  # every kept weight, not LoRA
+    # the heals above train on the model's own trajectory (heal_states="auto" on these rectified-flow models); these
+    # on the calibration batches, as healing did before
+    "ST new + heal 100 calibration": (True, {"heal_steps": 100, "heal_states": "calibration"}),
+    "ST new + heal 300 calibration": (True, {"heal_steps": 300, "heal_states": "calibration"}),
     "ST new + heal 300 full": (True, {"heal_steps": 300, "heal_kept": "full"}),
 }
 
@@ -122,7 +126,7 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'model':<10} {'ratio':>5} {'variant':<22} {'PSNR':>6} {'SSIM':>6} {'acc':>6} {'frechet':>8} {'s':>6} "
           f"{'vs LS (dB)':>10}")
     for row in rows:
-        base = next(r["psnr"] for r in rows if r["ratio"] == row["ratio"] and r["label"] == "LS only")
+        base = next((r["psnr"] for r in rows if r["ratio"] == row["ratio"] and r["label"] == "LS only"), float("nan"))
         print(f"{row['model']:<10} {row['ratio']:>5.0%} {row['label']:<22} {row['psnr']:6.2f} {row['ssim']:6.3f} "
               f"{row['accuracy']:6.3f} {row['frechet']:8.4f} {row['compress_s']:6.1f} {row['psnr'] - base:>+10.2f}")
 

@@ -33,6 +33,7 @@ ABLATIONS = ("remove", "replace")
 RESCORE = ("once", "each")
 TARGETS = ("local", "global")
 HEAL_KEPT = ("lora", "full")  # how healing trains the kept blocks
+HEAL_STATES = ("auto", "trajectory", "calibration")  # what healing trains on (blockprune.sandwich.heal_states)
 WIDTHS = (1, 3, 5)
 OUTSIDE_KEY = {"resume_key": False}
 
@@ -95,6 +96,9 @@ class SandwichConfig:
     # how healing trains the kept blocks: "lora" (rank lora_rank, merged after), or "full" (every weight, in float32,
     # its gradient, AdamW's two moments and the guard's copies: about 24 bytes per parameter on top of the model)
     heal_kept: str = "lora"
+    # what healing trains on: "trajectory" (the compressed model's own sampling), "calibration" (the batches), or
+    # "auto": the trajectory for rectified-flow models without offload, else the calibration
+    heal_states: str = "auto"
     target: str = "local"  # "local": original blocks on the span's input; "global": unpruned model's activation
     lora_rank: int = 16  # rank of the LoRA on the span's unreplaced blocks
     lora_alpha: float = 16.0  # LoRA scaling numerator (the update is scaled by alpha / rank)
@@ -126,6 +130,9 @@ class SandwichConfig:
         if self.heal_kept not in HEAL_KEPT:
             raise BlockpruneError(f"heal_kept must be 'lora' (LoRA on the kept blocks) or 'full' (every weight of "
                                   f"them trained), got {self.heal_kept!r}")
+        if self.heal_states not in HEAL_STATES:
+            raise BlockpruneError(f"heal_states must be 'auto', 'trajectory' (the compressed model's own sampling) or "
+                                  f"'calibration' (the calibration batches), got {self.heal_states!r}")
         if self.lora_targets is not None:
             targets = self.lora_targets
             if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
@@ -186,6 +193,9 @@ class CompressConfig:
         if self.offload and self.sandwich.heal_steps and self.sandwich.heal_kept == "full":
             raise BlockpruneError("heal_kept='full' trains every weight of the kept blocks, which offload=True does not "
                                   "hold on the GPU: use heal_kept='lora' with offload")
+        if self.offload and self.sandwich.heal_steps and self.sandwich.heal_states == "trajectory":
+            raise BlockpruneError("heal_states='trajectory' puts the unpruned blocks back on the GPU for its targets, "
+                                  "which offload=True does not hold: use heal_states='calibration' with offload")
         if self.max_gpu_memory is not None:
             if not self.offload:
                 raise BlockpruneError("max_gpu_memory bounds what offload=True keeps on the GPU; pass offload=True "

@@ -28,9 +28,10 @@ from .runtime.workdir import Workdir
 from .sandwich import train_stage
 from .sandwich.guard import training_progress
 from .sandwich.heal import heal, reference_check, reference_outputs
+from .sandwich.heal_states import resolve_heal_states, trajectory_training_data
 from .sandwich.reuse import components_to_tensors, tensors_to_components
 from .sandwich.stage import span_capture
-from .scoring.auto import AUTO, auto_select
+from .scoring.auto import AUTO, TRAJECTORY_STEPS, auto_select
 from .scoring.selection import ImportanceTable, score_run
 
 if TYPE_CHECKING:
@@ -93,10 +94,12 @@ class Progressive:
         """Run (or, from the workdir, restore) every stage, then healing; stop at a safe point when ``guard`` asks."""
         each = self.run.config.scoring.rescore == "each"
         healing = self.sandwich is not None and self.sandwich.heal_steps > 0
+        states = (resolve_heal_states(self.sandwich.heal_states, self.run.adapter, self.run.offload is not None)
+                  if healing else "")  # what healing trains on, settled before the first stage
         targets: tuple[list, list] = ([], [])  # healing's, from the intact model, unless it is in the workdir
         if healing and not (self.workdir is not None and self.workdir.has_stages(self.count + 1)):
             with self._timed("heal"):
-                targets = (reference_outputs(self.run.transformer, self.train),
+                targets = (reference_outputs(self.run.transformer, self.train) if states == "calibration" else [],
                            reference_check(self.run.transformer, self.run.adapter, self.held, self.run.guidance))
         for step in range(self.count):
             saved = None
@@ -114,10 +117,12 @@ class Progressive:
                          if self.workdir is not None else "nothing was saved: pass workdir=... to make runs resumable")
                 raise CompressionInterrupted(f"compress interrupted after stage {step + 1} of {self.count}; {where}")
         if healing:
-            self._heal(*targets, bars)
+            self._heal(*targets, bars, states)
 
-    def _heal(self, train_targets: list[torch.Tensor], held_reference: list[torch.Tensor], bars: Any) -> None:
-        """Global healing after the last stage, saved to (or restored from) the workdir as stage ``count``."""
+    def _heal(self, train_targets: list[torch.Tensor], held_reference: list[torch.Tensor], bars: Any,
+              states: str) -> None:
+        """Global healing after the last stage, on the model's own trajectory or the calibration (``states``), saved
+        to (or restored from) the workdir as stage ``count``."""
         model = self.run.transformer
         saved = self.workdir.load_stage(self.count) if self.workdir is not None else None
         if saved is not None:
@@ -132,10 +137,15 @@ class Progressive:
             return
         kept = [b.name for b in self.run.blocks if b.name not in self.replaced]
         surrogates = [b.name for b in self.run.blocks if b.name in self.replaced]
+        train, seed = self.train, self.seed + self.count
         with self._timed("heal"), training_progress(training_bar(bars)):
-            report = heal(model, self.run.adapter, kept, surrogates, self.train, train_targets, self.held,
-                          held_reference, self.sandwich, self.seed + self.count, self.run.offload, self.run.guidance)
-        self.plan.heal = asdict(report)
+            if states == "trajectory":
+                train, train_targets = trajectory_training_data(
+                    model, self.run.adapter, self.train, self.originals, TRAJECTORY_STEPS,
+                    self.sandwich.heal_steps * self.sandwich.batch_size, self.run.guidance, seed)
+            report = heal(model, self.run.adapter, kept, surrogates, train, train_targets, self.held,
+                          held_reference, self.sandwich, seed, self.run.offload, self.run.guidance)
+        self.plan.heal = {**asdict(report), "states": states}
         logger.info("healing: held-out output error %.4g → %.4g%s", report.relative_error_before,
                     report.relative_error_after, " (reverted: no step beat the start)" if report.reverted else "")
         if self.workdir is not None:

@@ -80,6 +80,7 @@ def stages_table(plan: Plan) -> Table:
                          + (" (it won in sum, not on both halves of the check)" if heal.get("refused") else "")
                          + ("" if heal["lr"] is None else f", rate {heal['lr']:g}")
                          + (", kept blocks trained in full" if heal.get("kept") == "full" else "")
+                         + (", trained on its own trajectories" if heal.get("states") == "trajectory" else "")
                          + _guided(heal.get("guidance_scale", 1.0)))
     return table
 

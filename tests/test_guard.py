@@ -89,7 +89,7 @@ def test_a_stage_never_ends_above_its_held_out_error_before(lr):
 def test_healing_never_raises_the_held_out_output_error_and_is_reported():
     model = make_flux(double=2, single=3)
     blockprune.compress(model, ratio=0.4, calibration=flux_batches(8), order="start2end", sandwich_steps=5,
-                        heal_steps=20, sandwich_eval_every=5, **FAST)
+                        heal_steps=20, sandwich_eval_every=5, heal_states="calibration", **FAST)
     heal = plan_of(model).heal
     assert heal["steps"] == 20 and heal["relative_error_after"] <= heal["relative_error_before"]
     assert heal["best_step"] > 0 and not heal["refused"]  # kept: it beat the start on both halves of the check

@@ -10,7 +10,8 @@ from blockprune.plan import plan as plan_of
 from blockprune.sandwich.heal import FULL_LR_GRID
 
 FAST = {"progress": False, "cache_dir": False, "importance": "fit_residual"}
-OPTIONS = {"ratio": 0.4, "order": "start2end", "sandwich_steps": 5, "sandwich_eval_every": 5, **FAST}
+OPTIONS = {"ratio": 0.4, "order": "start2end", "sandwich_steps": 5, "sandwich_eval_every": 5, "heal_states": "calibration",
+           **FAST}  # the calibration: healing of this random-weight model on its own trajectory is reverted
 
 
 def _compress(heal_steps: int, **options):

@@ -120,8 +120,9 @@ def test_healing_under_offload_or_checkpointing_trains_as_in_memory(device, monk
                          "checkpointing": {"sandwich_gradient_checkpointing": True}}.items():
         model = model_for(device)
         runs.clear()
-        blockprune.compress(model, calibration=batches(8, device), device=device, heal_steps=6,
-                            sandwich_eval_every=2, **{**OPTIONS, "sandwich_lr": "auto", **options})
+        blockprune.compress(model, calibration=batches(8, device), device=device, heal_steps=6,  # the same items
+                            sandwich_eval_every=2, heal_states="calibration",  # (offload would not take own states)
+                            **{**OPTIONS, "sandwich_lr": "auto", **options})
         heals[way], block_runs[way] = blockprune.plan(model).heal, len(runs)
     in_memory = heals["graph"]
     assert any(error != in_memory["relative_error_before"] for error in in_memory["lr_errors"].values())  # trained

@@ -7,7 +7,13 @@ import time
 from dataclasses import fields
 
 from ..compress import ORDERS, compress
-from ..config import HEAL_KEPT, TARGETS, SandwichConfig, sandwich_option_names
+from ..config import (
+    HEAL_KEPT,
+    HEAL_STATES,
+    TARGETS,
+    SandwichConfig,
+    sandwich_option_names,
+)
 from ..plan import plan
 from ..report import output_console, print_plan
 from ..serialization import save_pretrained
@@ -33,6 +39,8 @@ SANDWICH_HELP = {
     "patience": "checks in a row without improvement before a stage stops early",
     "heal_steps": "global healing after the last stage, steps at most (0: off)",
     "heal_kept": "how healing trains the kept blocks: lora (merged after) or full (every weight; far more memory)",
+    "heal_states": "what healing trains on: trajectory (the compressed model's own sampling), calibration, or auto "
+    "(the trajectory for rectified-flow models without offload)",
     "target": "local: the original blocks on the span's input; global: the unpruned model's activation",
     "lora_rank": "LoRA rank on the neighbours",
     "lora_alpha": "LoRA alpha",
@@ -58,8 +66,9 @@ def add_sandwich_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif field.name == "target":
             group.add_argument(flag, dest=name, choices=TARGETS, help=text)
-        elif field.name == "heal_kept":
-            group.add_argument(flag, dest=name, choices=HEAL_KEPT, help=text)
+        elif field.name in ("heal_kept", "heal_states"):
+            group.add_argument(flag, dest=name, choices=HEAL_KEPT if field.name == "heal_kept" else HEAL_STATES,
+                               help=text)
         elif field.name == "lora_targets":
             group.add_argument(flag, dest=name, nargs="+", metavar="NAME", help=text)
         elif field.name == "lr":

@@ -40,14 +40,16 @@ def check_flow_batch(batch: Mapping[str, Any], index: int) -> None:
 
 
 def flow_trajectory(model: nn.Module, batch: Mapping[str, Any], index: int, time_scale: float, steps: int,
-                    guidance: Guidance | None = None, seed: int | None = None) -> torch.Tensor:
+                    guidance: Guidance | None = None, seed: int | None = None,
+                    visit: Callable[[dict[str, torch.Tensor]], None] | None = None) -> torch.Tensor:
     """The clean latents after ``steps`` Euler steps from pure noise (noise level 1) down to 0.
 
     The noise is seeded by ``seed`` (default ``index``, the batch's number in error messages) and shaped like the
     batch's latents; the batch's other inputs (the
     text states, guidance ...) condition every step, as a sampler's would, guided against the empty prompt
     with ``guidance``. ``time_scale`` is what the model's ``timestep`` argument is in units of the noise level
-    (FLUX: 1, SD3: 1000).
+    (FLUX: 1, SD3: 1000). ``visit``, if given, is called before each step with the step's noisy inputs
+    (``{"hidden_states": x, "timestep": t}``, on the model's device).
     """
     check_flow_batch(batch, index)
     batch = to_device(dict(batch), model_device(model))
@@ -58,6 +60,8 @@ def flow_trajectory(model: nn.Module, batch: Mapping[str, Any], index: int, time
     for i in range(steps):
         now, after = 1 - i / steps, 1 - (i + 1) / steps
         noisy = {LATENTS: x, TIMESTEP: torch.full_like(timestep, now * time_scale)}
+        if visit is not None:
+            visit(noisy)
         velocity = _velocity(model, {**batch, **noisy}, index, x).float()
         if empty is not None:
             velocity = guidance.combine(velocity, _velocity(model, {**empty, **noisy}, index, x))
