@@ -25,6 +25,7 @@ from torch import nn
 
 import blockprune
 from blockprune import Metric
+from blockprune.toy import ToyPipeline, evaluation_prompts, generate
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
@@ -241,14 +242,13 @@ def counting():
 
 
 TRAINED_STEPS = 8  # sampling steps of the trained-model tests; the ranking of the methods does not need the full 20
+TRAINED_PROMPTS = evaluation_prompts(16, seed=1)
 TRAINED_SEEDS = list(range(100, 116))
 
 
 @pytest.fixture(scope="module")
 def flux_small():
-    """The trained ``flux-small`` toy pipeline and its images of 16 prompts (``evaluation_prompts(16, seed=1)``)."""
-    from blockprune.toy import ToyPipeline, evaluation_prompts, generate
-
+    """The trained ``flux-small`` toy pipeline and its images of ``TRAINED_PROMPTS`` with ``TRAINED_SEEDS``."""
     pipe = ToyPipeline.from_pretrained("flux-small")
-    return pipe, generate(pipe, evaluation_prompts(16, seed=1), TRAINED_SEEDS, TRAINED_STEPS)
+    return pipe, generate(pipe, TRAINED_PROMPTS, TRAINED_SEEDS, TRAINED_STEPS)
 

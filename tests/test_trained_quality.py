@@ -2,6 +2,7 @@
 
 import copy
 
+from conftest import TRAINED_PROMPTS as PROMPTS
 from conftest import TRAINED_SEEDS as SEEDS
 from conftest import TRAINED_STEPS as STEPS
 
@@ -9,12 +10,9 @@ import blockprune
 from blockprune.toy import (
     attribute_accuracy,
     calibration_batches,
-    evaluation_prompts,
     generate,
     teacher_fidelity,
 )
-
-PROMPTS = evaluation_prompts(16, seed=1)  # those of the flux_small fixture's images
 
 
 def test_the_trained_flux_small_model_draws_its_prompts(flux_small):

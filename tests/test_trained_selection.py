@@ -3,18 +3,16 @@ images: a file of its own so that the test runner can give it a worker of its ow
 
 import copy
 
+from conftest import TRAINED_PROMPTS as PROMPTS
 from conftest import TRAINED_SEEDS as SEEDS
 from conftest import TRAINED_STEPS as STEPS
 
 import blockprune
 from blockprune.toy import (
     calibration_batches,
-    evaluation_prompts,
     generate,
     teacher_fidelity,
 )
-
-PROMPTS = evaluation_prompts(16, seed=1)  # those of the flux_small fixture's images
 
 
 def test_the_default_importance_chooses_blocks_that_keep_higher_fidelity_than_removal_damage(flux_small):
