@@ -181,9 +181,11 @@ def extrapolate(row: dict, args) -> dict:
     training = row["train_s"] * args.target_steps / (args.steps * args.batch)  # targets count steps of one sample
     sandwich = recording * 512 / train_samples + training
     heal = 0.0
-    if row["heal"]:  # training and its checks per step run; the unpruned model's references once
-        trained = row["heal"]["seconds"]
-        heal = phases.get("heal", 0.0) - trained + trained * args.target_heal_steps / max(1, row["heal"]["steps_run"] * args.batch)
+    if row["heal"]:  # training and its checks per step run, the trajectories per step asked; the references once
+        trained, states = row["heal"]["seconds"], row["heal"].get("states_seconds", 0.0)
+        heal = (phases.get("heal", 0.0) - trained - states
+                + trained * args.target_heal_steps / max(1, row["heal"]["steps_run"] * args.batch)
+                + states * args.target_heal_steps / max(1, row["heal"]["steps"] * args.batch))
     return {"scoring_h": scoring / 3600, "least_squares_h": least_squares / 3600, "sandwich_h": sandwich / 3600,
             "heal_h": heal / 3600, "total_h": (scoring + least_squares + sandwich + heal) / 3600}
 

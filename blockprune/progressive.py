@@ -27,7 +27,8 @@ from .runtime.interrupt import InterruptGuard
 from .runtime.workdir import Workdir
 from .sandwich import train_stage
 from .sandwich.guard import training_progress
-from .sandwich.heal import heal, reference_check, reference_outputs
+from .sandwich.heal import heal, reference_outputs
+from .sandwich.heal_check import HeldReference, reference_check
 from .sandwich.heal_states import resolve_heal_states, trajectory_training_data
 from .sandwich.reuse import components_to_tensors, tensors_to_components
 from .sandwich.stage import span_capture
@@ -96,7 +97,7 @@ class Progressive:
         healing = self.sandwich is not None and self.sandwich.heal_steps > 0
         states = (resolve_heal_states(self.sandwich.heal_states, self.run.adapter, self.run.offload is not None)
                   if healing else "")  # what healing trains on, settled before the first stage
-        targets: tuple[list, list] = ([], [])  # healing's, from the intact model, unless it is in the workdir
+        targets: tuple[list, HeldReference | None] = ([], None)  # from the intact model, unless in the workdir
         if healing and not (self.workdir is not None and self.workdir.has_stages(self.count + 1)):
             with self._timed("heal"):
                 targets = (reference_outputs(self.run.transformer, self.train) if states == "calibration" else [],
@@ -119,7 +120,7 @@ class Progressive:
         if healing:
             self._heal(*targets, bars, states)
 
-    def _heal(self, train_targets: list[torch.Tensor], held_reference: list[torch.Tensor], bars: Any,
+    def _heal(self, train_targets: list[torch.Tensor], held_reference: HeldReference | None, bars: Any,
               states: str) -> None:
         """Global healing after the last stage, on the model's own trajectory or the calibration (``states``), saved
         to (or restored from) the workdir as stage ``count``."""
@@ -139,13 +140,15 @@ class Progressive:
         surrogates = [b.name for b in self.run.blocks if b.name in self.replaced]
         train, seed = self.train, self.seed + self.count
         with self._timed("heal"), training_progress(training_bar(bars)):
+            started = time.perf_counter()  # the trajectories' cost grows with heal_steps, unlike the references'
             if states == "trajectory":
                 train, train_targets = trajectory_training_data(
                     model, self.run.adapter, self.train, self.originals, TRAJECTORY_STEPS,
                     self.sandwich.heal_steps * self.sandwich.batch_size, self.run.guidance, seed)
+            states_seconds = time.perf_counter() - started
             report = heal(model, self.run.adapter, kept, surrogates, train, train_targets, self.held,
                           held_reference, self.sandwich, seed, self.run.offload, self.run.guidance)
-        self.plan.heal = {**asdict(report), "states": states}
+        self.plan.heal = {**asdict(report), "states": states, "states_seconds": states_seconds}
         logger.info("healing: held-out output error %.4g → %.4g%s", report.relative_error_before,
                     report.relative_error_after, " (reverted: no step beat the start)" if report.reverted else "")
         if self.workdir is not None:

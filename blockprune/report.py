@@ -77,12 +77,21 @@ def stages_table(plan: Plan) -> Table:
         table.caption = (f"healing: held-out output error {heal['relative_error_before']:.4g} → "
                          f"{heal['relative_error_after']:.4g}, kept step "
                          f"{_kept(heal['best_step'], heal['steps_run'])}"
-                         + (" (it won in sum, not on both halves of the check)" if heal.get("refused") else "")
+                         + _refusal(heal)
                          + ("" if heal["lr"] is None else f", rate {heal['lr']:g}")
                          + (", kept blocks trained in full" if heal.get("kept") == "full" else "")
                          + (", trained on its own trajectories" if heal.get("states") == "trajectory" else "")
                          + _guided(heal.get("guidance_scale", 1.0)))
     return table
+
+
+def _refusal(heal: dict) -> str:
+    """Why the guard put the start back although training had beaten it on the check; nothing if it did not."""
+    if not heal.get("refused"):
+        return ""
+    if all(a < b for a, b in zip(heal["halves_after"], heal["halves_before"])):
+        return " (refused: its gain on fresh noise was within the noise)"
+    return " (refused: it won in sum, not on both halves of the check)"
 
 
 def _kept(best_step: int | None, steps_run: int | None) -> str:

@@ -23,7 +23,7 @@ def _compress(heal_steps: int, **options):
 
 def test_full_healing_trains_the_kept_weights_themselves_and_never_raises_the_held_out_error():
     unhealed = _compress(0)
-    healed = _compress(20, heal_kept="full", sandwich_lr=1e-3)
+    healed = _compress(40, heal_kept="full", sandwich_lr=1e-3)  # 20 steps: a gain within the noise, refused
     heal = plan_of(healed).heal
     assert heal["kept"] == "full" and heal["lora_blocks"] == [] and len(heal["surrogates"]) == 2
     assert heal["relative_error_after"] < heal["relative_error_before"] and heal["best_step"] > 0

@@ -7,16 +7,17 @@ The held-out batches guard it (:mod:`blockprune.sandwich.guard`), so healing nev
 by that check: for rectified-flow models the latents of a short trajectory from noise (as
 ``importance="auto"`` checks plans; one-step outputs improved while sampled images got worse), otherwise
 the one-step outputs. The error is each sample's relative error, geometric mean over samples (as ``auto``
-ranks plans, and as a mean PSNR in dB weighs samples), and the healed weights are kept only when they beat
-the start on each half of the check, not only in sum. LoRA is merged afterwards, so inference costs nothing
-extra.
+ranks plans, and as a mean PSNR in dB weighs samples). The best weights are chosen on that check, so their
+figure flatters them; they are kept only when they beat the start on each half of it and, confirmed on fresh
+noise (trajectories from seeds the check never draws), lower the samples' log error by more than its noise. LoRA
+is merged afterwards, so inference costs nothing extra.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,13 +29,10 @@ from ..config import SandwichConfig
 from ..runtime import distributed
 from ..runtime.forward import forward_batch, model_device, output_tensor, to_device
 from ..runtime.offload import Offload
-from ..scoring.auto import (
-    TRAJECTORY_STEPS,  # the guard's trajectory is as long as auto's plan checks
-)
 from ..scoring.guidance import Guidance
-from ..scoring.trajectory import halves, latent_check, per_sample_error
 from .blockwise import blockwise_backward, checkpointed_blocks
 from .guard import LR_GRID, guarded_training
+from .heal_check import FRESH_SEED, HeldCheck, HeldReference, guard_check
 from .lora import add_lora, merge_lora, remove_lora
 from .training import autocast, guard_settings, training_attention
 
@@ -52,7 +50,7 @@ class HealReport:
     lr: float | None  # the peak rate the kept weights trained at; None when healing was reverted
     halves_before: list[float] = field(default_factory=list)  # the check's error on each of its halves, at the start
     halves_after: list[float] = field(default_factory=list)  # and with the best healed weights (before a refusal)
-    refused: bool = False  # the best healed weights won in sum but not on both halves, so the start was kept
+    refused: bool = False  # the best healed weights won in sum but not on both halves or not on fresh noise: start kept
     lr_errors: dict[str, float] = field(default_factory=dict)
     checked_on: str = "outputs"  # the guard's check: "trajectory" (rectified flow) or one-step "outputs"
     lora_blocks: list[str] = field(default_factory=list)
@@ -60,6 +58,8 @@ class HealReport:
     seconds: float = 0.0
     guidance_scale: float = 1.0  # the guard's trajectory was guided with this scale (1: unguided)
     kept: str = "lora"  # how the kept blocks trained: "lora" or "full"
+    fresh_error_before: float = 0.0  # the confirmation on fresh noise: the start's error
+    fresh_error_after: float = 0.0  # and the best healed weights' (0 when training never beat the start)
 
     @property
     def reverted(self) -> bool:
@@ -67,7 +67,6 @@ class HealReport:
         return self.best_step == 0
 
 
-CHECK_BATCHES = 8  # held-out batches the guard checks on (bounds its cost)
 # lr="auto" with heal_kept="full": a tenth of LoRA's grid. AdamW moves each trained weight by about the rate per
 # step; a LoRA update starts at zero and is a rank-r product, a full weight is the trained model's own
 FULL_LR_GRID = (1e-5, 3e-5, 1e-4)
@@ -78,23 +77,8 @@ def reference_outputs(model: nn.Module, batches: list[dict[str, Any]]) -> list[t
     return [output_tensor(forward_batch(model, batch, index)).detach().cpu() for index, batch in enumerate(batches)]
 
 
-def guard_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]],
-                guidance: Guidance | None = None) -> tuple[str, Callable[[], list[torch.Tensor]]]:
-    """The guard's measurement on ``model`` as it is: ``(kind, function returning the tensors)``; trajectories are
-    guided with ``guidance``."""
-    kind = "trajectory" if adapter.flow_time_scale is not None else "outputs"
-    return kind, latent_check(model, held[:CHECK_BATCHES], adapter.flow_time_scale, TRAJECTORY_STEPS, guidance)
-
-
-def reference_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]],
-                    guidance: Guidance | None = None) -> list[torch.Tensor]:
-    """The guard's measurement on the unpruned model, on the CPU."""
-    with torch.no_grad():
-        return [t.detach().cpu() for t in guard_check(model, adapter, held, guidance)[1]()]
-
-
 def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[str], train: list[dict],
-         train_targets: list[torch.Tensor], held: list[dict], held_reference: list[torch.Tensor],
+         train_targets: list[torch.Tensor], held: list[dict], held_reference: HeldReference,
          options: SandwichConfig, seed: int, offload: Offload | None = None,
          guidance: Guidance | None = None) -> HealReport:
     """Train LoRA on the ``kept`` blocks (every weight with ``heal_kept="full"``) and the ``surrogates`` in full
@@ -111,7 +95,7 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
     before = _Before(model, {name: modules[name] for name in surrogates + full})
     world, rank = distributed.world_size(), distributed.rank() if distributed.active() else 0
     kind, measure = guard_check(model, adapter, held, guidance)
-    check = _HeldCheck(measure, held_reference, device)
+    check = HeldCheck(measure, guard_check(model, adapter, held, guidance, FRESH_SEED)[1], held_reference, device)
 
     def step_loss(index: int) -> torch.Tensor | None:
         if index % world != rank:
@@ -129,8 +113,9 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
             settings = guard_settings(options, steps=options.heal_steps, grid=FULL_LR_GRID if full else LR_GRID)
             with _backward_memory(offload, trainable, list(modules.values()), options, device), \
                     _float32_calls({modules[name]: before.dtypes[name] for name in full}):
+                check.measure_fresh_start()
                 result = guarded_training(trainable, step_loss, check.error, len(train), settings, seed,
-                                          "global healing", accept=check.better_on_both_halves)
+                                          "global healing", accept=check.accepts)
         except BaseException:
             for name in [] if full else kept:
                 remove_lora(modules[name])
@@ -143,35 +128,7 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
                       result.lr, check.halves_before, check.halves_after, result.refused, result.lr_errors,
                       kind, lora_blocks, list(surrogates) if options.train_surrogates else [],
                       time.perf_counter() - started, guidance.scale if guidance and kind == "trajectory" else 1.0,
-                      options.heal_kept)
-
-
-class _HeldCheck:
-    """Healing's held-out check: each sample's relative error (geometric mean over samples) against the unpruned
-    model's reference, in sum and on each half of the check; the halves of the first measurement are the start's."""
-
-    def __init__(self, measure: Callable[[], list[torch.Tensor]], reference: list[torch.Tensor],
-                 device: torch.device) -> None:
-        self.measure, self.reference, self.device = measure, reference, device
-        self.halves_before: list[float] = []
-        self.halves_after: list[float] = []  # with the best healed weights, when they were asked about
-
-    def _errors(self) -> tuple[float, list[float]]:
-        with torch.no_grad(), autocast(self.device):
-            got = self.measure()
-        parts = [per_sample_error(g, e) for g, e in zip(halves(got), halves(self.reference))]
-        return per_sample_error(got, self.reference), parts
-
-    def error(self) -> float:
-        """The error in sum (the guard's figure)."""
-        error, parts = self._errors()
-        self.halves_before = self.halves_before or parts
-        return error
-
-    def better_on_both_halves(self) -> bool:
-        """Whether the weights now loaded beat the start on each half of the check, not only in sum."""
-        self.halves_after = self._errors()[1]
-        return all(a < b for a, b in zip(self.halves_after, self.halves_before))
+                      options.heal_kept, check.fresh_error(check.fresh_before), check.fresh_error(check.fresh_after))
 
 
 class _Before:

@@ -103,17 +103,19 @@ class LatentCheck:
 
 
 def latent_check(model: nn.Module, batches: list[Mapping[str, Any]], time_scale: float | None,
-                 steps: int, guidance: Guidance | None = None, at_least: int = MIN_TRAJECTORIES) -> LatentCheck:
+                 steps: int, guidance: Guidance | None = None, at_least: int = MIN_TRAJECTORIES,
+                 first_seed: int = 0) -> LatentCheck:
     """What a plan or a trained model is checked on without a pipeline: each batch's latents after a ``steps``-step
     trajectory from noise (guided with ``guidance``) when the model is a rectified-flow one (``time_scale`` set),
-    the batches repeated with fresh noise up to ``at_least`` samples; else its one-step output."""
+    the batches repeated with fresh noise up to ``at_least`` samples (run k's noise seeded ``first_seed + k``);
+    else its one-step output."""
     if time_scale is not None:
         drawn = sum(b[LATENTS].shape[0] for b in batches if isinstance(b.get(LATENTS), torch.Tensor))
-        runs = list(enumerate(batches)) * trajectory_runs(drawn, at_least)  # each run: its own noise (seed k)
+        runs = list(enumerate(batches)) * trajectory_runs(drawn, at_least)
 
         def trajectory(k: int) -> torch.Tensor:
             index, batch = runs[k]
-            return flow_trajectory(model, batch, index, float(time_scale), steps, guidance, k)
+            return flow_trajectory(model, batch, index, float(time_scale), steps, guidance, first_seed + k)
         return LatentCheck(trajectory, len(runs))
     return LatentCheck(lambda k: output_tensor(forward_batch(model, batches[k], k)), len(batches))
 
@@ -142,9 +144,14 @@ def per_sample_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> f
     It ranks plans as the mean of the samples' PSNR in dB does (a log per sample), where the pooled
     :func:`relative_error` lets the few samples with the largest errors decide.
     """
+    return float(per_sample_logs(got, expected).mean().exp())
+
+
+def per_sample_logs(got: list[torch.Tensor], expected: list[torch.Tensor]) -> torch.Tensor:
+    """Each sample's (row's) log relative squared error ``log(‖ŷᵢ − yᵢ‖² / ‖yᵢ‖²)``, on the CPU, in order."""
     logs = []
     for g, e in zip(got, expected):
         g, e = g.float(), e.to(g.device).float()
         error = ((g - e) ** 2).flatten(1).sum(1).clamp_min(1e-30)
-        logs.append(torch.log(error / (e**2).flatten(1).sum(1).clamp_min(1e-30)))
-    return float(torch.cat(logs).mean().exp())
+        logs.append(torch.log(error / (e**2).flatten(1).sum(1).clamp_min(1e-30)).cpu())
+    return torch.cat(logs)

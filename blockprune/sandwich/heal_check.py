@@ -1,0 +1,112 @@
+"""Global healing's held-out check: the guard's measurement, the unpruned model's reference, the confirmation.
+
+For rectified-flow models the check is the latents of short trajectories from noise on the held-out batches (as
+``importance="auto"`` checks plans), otherwise the one-step outputs; the error is each sample's relative error,
+geometric mean over samples. The guard picks the best weights on this check, so their figure there flatters them:
+they are confirmed on trajectories from noise the check never draws, sample by sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapter import Adapter
+from ..scoring.auto import (
+    TRAJECTORY_STEPS,  # the guard's trajectory is as long as auto's plan checks
+)
+from ..scoring.guidance import Guidance
+from ..scoring.trajectory import halves, latent_check, per_sample_error, per_sample_logs
+from .training import autocast
+
+CHECK_BATCHES = 8  # held-out batches the guard checks on (bounds its cost)
+FRESH_SEED = 1_000_000  # the confirmation's trajectories start from noise seeded from here: none the check draws
+CONFIDENCE_Z = 1.645  # confirmed when the mean change of the samples' log error is below 0 by this many standard errors
+
+
+@dataclass
+class HeldReference:
+    """The unpruned model's measurements (CPU): the guard's check and its confirmation on fresh noise."""
+
+    check: list[torch.Tensor]
+    fresh: list[torch.Tensor]
+
+
+def guard_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]], guidance: Guidance | None = None,
+                first_seed: int = 0) -> tuple[str, Callable[[], list[torch.Tensor]]]:
+    """The guard's measurement on ``model`` as it is: ``(kind, function returning the tensors)``; trajectories are
+    guided with ``guidance`` and start from noise seeded from ``first_seed`` (one-step outputs have no noise to
+    draw: for them the confirmation repeats the check)."""
+    kind = "trajectory" if adapter.flow_time_scale is not None else "outputs"
+    return kind, latent_check(model, held[:CHECK_BATCHES], adapter.flow_time_scale, TRAJECTORY_STEPS, guidance,
+                              first_seed=first_seed)
+
+
+def reference_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]],
+                    guidance: Guidance | None = None) -> HeldReference:
+    """The guard's measurements on the unpruned model, on the CPU."""
+    with torch.no_grad():
+        return HeldReference(*([t.detach().cpu() for t in guard_check(model, adapter, held, guidance, seed)[1]()]
+                               for seed in (0, FRESH_SEED)))
+
+
+class HeldCheck:
+    """Healing's held-out check: each sample's relative error (geometric mean over samples) against the unpruned
+    model's reference, in sum and on each half of the check; the halves of the first measurement are the start's.
+    The best weights must also be confirmed on fresh noise (:func:`significantly_lower`)."""
+
+    def __init__(self, measure: Callable[[], list[torch.Tensor]], fresh: Callable[[], list[torch.Tensor]],
+                 reference: HeldReference, device: torch.device) -> None:
+        self.measure, self.fresh, self.reference, self.device = measure, fresh, reference, device
+        self.halves_before: list[float] = []
+        self.halves_after: list[float] = []  # with the best healed weights, when they were asked about
+        self.fresh_before = torch.zeros(0)  # each fresh sample's log error at the start
+        self.fresh_after = torch.zeros(0)  # and with the best healed weights, when they were asked about
+
+    def _errors(self) -> tuple[float, list[float]]:
+        with torch.no_grad(), autocast(self.device):
+            got = self.measure()
+        parts = [per_sample_error(g, e) for g, e in zip(halves(got), halves(self.reference.check))]
+        return per_sample_error(got, self.reference.check), parts
+
+    def _fresh_logs(self) -> torch.Tensor:
+        with torch.no_grad(), autocast(self.device):
+            return per_sample_logs(self.fresh(), self.reference.fresh)
+
+    def error(self) -> float:
+        """The error in sum (the guard's figure)."""
+        error, parts = self._errors()
+        self.halves_before = self.halves_before or parts
+        return error
+
+    def measure_fresh_start(self) -> None:
+        """The confirmation's measurement of the starting weights (before any training)."""
+        self.fresh_before = self._fresh_logs()
+
+    def accepts(self) -> bool:
+        """Whether the weights now loaded beat the start on each half of the check, not only in sum, and by more
+        than the noise on fresh noise."""
+        self.halves_after = self._errors()[1]
+        if not all(a < b for a, b in zip(self.halves_after, self.halves_before)):
+            return False
+        self.fresh_after = self._fresh_logs()
+        return significantly_lower(self.fresh_after, self.fresh_before)
+
+    @staticmethod
+    def fresh_error(logs: torch.Tensor) -> float:
+        """The geometric mean of the samples' relative errors (0 when not measured)."""
+        return float(logs.mean().exp()) if logs.numel() else 0.0
+
+
+def significantly_lower(after: torch.Tensor, before: torch.Tensor, z: float = CONFIDENCE_Z) -> bool:
+    """Whether the samples' log errors ``after`` are lower than ``before`` (paired, sample by sample) by more than
+    ``z`` standard errors of their mean change: a one-sided test at 95 % by default."""
+    change = (after - before).double()
+    if change.numel() < 2:
+        return bool(change.sum() < 0)
+    return bool(change.mean() + z * change.std() / math.sqrt(change.numel()) < 0)
