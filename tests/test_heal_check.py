@@ -1,5 +1,6 @@
 """Healing's held-out check: best weights are kept only when fresh noise confirms them beyond the noise."""
 
+import pytest
 import torch
 
 import blockprune
@@ -60,3 +61,21 @@ def test_on_the_trained_sd3_small_the_heal_that_lowered_psnr_is_refused():
     assert heal["states"] == "trajectory" and heal["refused"] and heal["best_step"] == 0
     assert all(a < b for a, b in zip(heal["halves_after"], heal["halves_before"]))  # it had won on both halves
     assert 0 < heal["fresh_error_after"]  # measured: 3.6 % below the start's on average, within the samples' noise
+
+
+def test_one_step_outputs_confirm_themselves_without_being_measured_twice():
+    generator = torch.Generator().manual_seed(2)
+    reference = [torch.randn(8, 4, generator=generator) + 3 for _ in range(2)]
+    errors, calls = iter([0.1, 0.05]), []  # the start, then the best weights
+
+    def measure():
+        calls.append(1)
+        error = next(errors)
+        return [t * (1 + error * (1 + 0.1 * k)) for k, t in enumerate(reference)]
+
+    held = HeldCheck(measure, None, HeldReference(reference, reference), torch.device("cpu"))
+    held.measure_fresh_start()  # nothing to draw: the first check is the start's confirmation
+    start = held.error()
+    assert len(calls) == 1 and HeldCheck.fresh_error(held.fresh_before) == pytest.approx(start)
+    assert held.accepts() and len(calls) == 2  # half the error on every sample: confirmed by the same measurement
+    assert HeldCheck.fresh_error(held.fresh_after) < start

@@ -95,7 +95,8 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
     before = _Before(model, {name: modules[name] for name in surrogates + full})
     world, rank = distributed.world_size(), distributed.rank() if distributed.active() else 0
     kind, measure = guard_check(model, adapter, held, guidance)
-    check = HeldCheck(measure, guard_check(model, adapter, held, guidance, FRESH_SEED)[1], held_reference, device)
+    fresh = guard_check(model, adapter, held, guidance, FRESH_SEED)[1] if kind == "trajectory" else None
+    check = HeldCheck(measure, fresh, held_reference, device)
 
     def step_loss(index: int) -> torch.Tensor | None:
         if index % world != rank:

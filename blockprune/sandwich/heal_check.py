@@ -49,18 +49,23 @@ def guard_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]], 
 
 def reference_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]],
                     guidance: Guidance | None = None) -> HeldReference:
-    """The guard's measurements on the unpruned model, on the CPU."""
+    """The guard's measurements on the unpruned model, on the CPU (one-step outputs are their own confirmation)."""
     with torch.no_grad():
-        return HeldReference(*([t.detach().cpu() for t in guard_check(model, adapter, held, guidance, seed)[1]()]
-                               for seed in (0, FRESH_SEED)))
+        kind, measure = guard_check(model, adapter, held, guidance)
+        check = [t.detach().cpu() for t in measure()]
+        if kind == "outputs":
+            return HeldReference(check, check)
+        fresh = guard_check(model, adapter, held, guidance, FRESH_SEED)[1]
+        return HeldReference(check, [t.detach().cpu() for t in fresh()])
 
 
 class HeldCheck:
     """Healing's held-out check: each sample's relative error (geometric mean over samples) against the unpruned
     model's reference, in sum and on each half of the check; the halves of the first measurement are the start's.
-    The best weights must also be confirmed on fresh noise (:func:`significantly_lower`)."""
+    The best weights must also be confirmed on fresh noise (:func:`significantly_lower`); ``fresh`` is ``None`` for
+    one-step outputs, which have no noise to draw, and the check's own samples confirm them."""
 
-    def __init__(self, measure: Callable[[], list[torch.Tensor]], fresh: Callable[[], list[torch.Tensor]],
+    def __init__(self, measure: Callable[[], list[torch.Tensor]], fresh: Callable[[], list[torch.Tensor]] | None,
                  reference: HeldReference, device: torch.device) -> None:
         self.measure, self.fresh, self.reference, self.device = measure, fresh, reference, device
         self.halves_before: list[float] = []
@@ -68,11 +73,13 @@ class HeldCheck:
         self.fresh_before = torch.zeros(0)  # each fresh sample's log error at the start
         self.fresh_after = torch.zeros(0)  # and with the best healed weights, when they were asked about
 
-    def _errors(self) -> tuple[float, list[float]]:
+    def _errors(self) -> tuple[float, list[float], torch.Tensor]:
+        """The error in sum, on each half, and each sample's log error."""
         with torch.no_grad(), autocast(self.device):
             got = self.measure()
         parts = [per_sample_error(g, e) for g, e in zip(halves(got), halves(self.reference.check))]
-        return per_sample_error(got, self.reference.check), parts
+        logs = per_sample_logs(got, self.reference.check)
+        return float(logs.mean().exp()), parts, logs
 
     def _fresh_logs(self) -> torch.Tensor:
         with torch.no_grad(), autocast(self.device):
@@ -80,21 +87,25 @@ class HeldCheck:
 
     def error(self) -> float:
         """The error in sum (the guard's figure)."""
-        error, parts = self._errors()
-        self.halves_before = self.halves_before or parts
+        error, parts, logs = self._errors()
+        if not self.halves_before:  # the start
+            self.halves_before = parts
+            if self.fresh is None:
+                self.fresh_before = logs
         return error
 
     def measure_fresh_start(self) -> None:
-        """The confirmation's measurement of the starting weights (before any training)."""
-        self.fresh_before = self._fresh_logs()
+        """The confirmation's measurement of the starting weights (before any training; none for one-step outputs)."""
+        if self.fresh is not None:
+            self.fresh_before = self._fresh_logs()
 
     def accepts(self) -> bool:
         """Whether the weights now loaded beat the start on each half of the check, not only in sum, and by more
         than the noise on fresh noise."""
-        self.halves_after = self._errors()[1]
+        _, self.halves_after, logs = self._errors()
         if not all(a < b for a, b in zip(self.halves_after, self.halves_before)):
             return False
-        self.fresh_after = self._fresh_logs()
+        self.fresh_after = logs if self.fresh is None else self._fresh_logs()
         return significantly_lower(self.fresh_after, self.fresh_before)
 
     @staticmethod
