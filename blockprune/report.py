@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .plan import Plan
 from .progress import progress_bars  # noqa: F401 - where callers found it before progress.py
+from .sandwich.heal_check import CONFIDENCE_Z
 
 
 def format_count(value: float | None) -> str:
@@ -90,7 +91,9 @@ def _refusal(heal: dict) -> str:
     if not heal.get("refused"):
         return ""
     if all(a < b for a, b in zip(heal["halves_after"], heal["halves_before"])):
-        return " (refused: its gain on fresh noise was within the noise)"
+        z = heal.get("fresh_z")
+        within = "" if not z else f": signed-rank z {z:.2f}, below -{CONFIDENCE_Z} needed"
+        return f" (refused: its gain on fresh noise was within the noise{within})"
     return " (refused: it won in sum, not on both halves of the check)"
 
 

@@ -5,7 +5,13 @@ import torch
 
 import blockprune
 from blockprune.plan import plan as plan_of
-from blockprune.sandwich.heal_check import HeldCheck, HeldReference, significantly_lower
+from blockprune.report import stages_table
+from blockprune.sandwich.heal_check import (
+    HeldCheck,
+    HeldReference,
+    signed_rank_z,
+    significantly_lower,
+)
 from blockprune.toy import ToyPipeline, calibration_batches
 
 
@@ -16,7 +22,26 @@ def test_a_change_within_the_noise_is_not_significant_and_a_clear_one_is():
     assert not significantly_lower(before - 0.01 + noise, before)  # 1 % lower on average, noise 20 %
     assert significantly_lower(before - 0.2 + noise, before)  # 18 % lower on average: far beyond the noise
     assert not significantly_lower(before, before) and not significantly_lower(before + 0.2 + noise, before)
-    assert significantly_lower(torch.tensor([0.5]), torch.tensor([1.0]))  # one sample: its sign decides
+    assert not significantly_lower(torch.tensor([0.5]), torch.tensor([1.0]))  # one sample cannot confirm at 95 %
+
+
+def test_the_statistic_is_the_signed_rank_z_with_ties_sharing_their_rank():
+    before = torch.zeros(7)
+    after = torch.tensor([-1.0, -1.0, 2.0, -3.0, 3.0, -0.5, 0.0])  # the unchanged sample is dropped: n = 6
+    # sizes 0.5, 1, 1, 2, 3, 3 rank 1, 2.5, 2.5, 4, 5.5, 5.5; the rises (2, 3) sum to 9.5 against 10.5 expected;
+    # variance 6 * 7 * 13 / 24 less (2³ - 2) * 2 / 48 for the two ties
+    assert signed_rank_z(after, before) == pytest.approx((9.5 - 10.5) / (22.75 - 0.25) ** 0.5)
+    assert signed_rank_z(before, before) == 0.0
+
+
+def test_a_consistent_fall_is_confirmed_through_heavy_tails():
+    """The confirmation's changes are heavy-tailed (docs/results.md: kurtosis up to 17): most samples fall a little
+    while a few swing far either way. The rank test sees the many fall; the mean's t test would drown in the few."""
+    change = torch.full((48,), -0.1)
+    change[:8] = torch.tensor([3.0, -3.0] * 4)  # 8 samples of 48 swing far, as many up as down
+    t = change.mean() / (change.std() / 48**0.5)
+    assert -1.645 < t < 0 and significantly_lower(change, torch.zeros(48))
+    assert not significantly_lower(-change, torch.zeros(48))
 
 
 def _check(check_error: list[float], fresh_error: list[float]) -> HeldCheck:
@@ -61,6 +86,8 @@ def test_on_the_trained_sd3_small_the_heal_that_lowered_psnr_is_refused():
     assert heal["states"] == "trajectory" and heal["refused"] and heal["best_step"] == 0
     assert all(a < b for a, b in zip(heal["halves_after"], heal["halves_before"]))  # it had won on both halves
     assert 0 < heal["fresh_error_after"]  # measured: 3.6 % below the start's on average, within the samples' noise
+    assert -1.645 < heal["fresh_z"] < 0
+    assert "within the noise" in stages_table(plan_of(pipe)).caption
 
 
 def test_one_step_outputs_confirm_themselves_without_being_measured_twice():

@@ -60,6 +60,7 @@ class HealReport:
     kept: str = "lora"  # how the kept blocks trained: "lora" or "full"
     fresh_error_before: float = 0.0  # the confirmation on fresh noise: the start's error
     fresh_error_after: float = 0.0  # and the best healed weights' (0 when training never beat the start)
+    fresh_z: float = 0.0  # their signed-rank z there against the start (confirmed below -1.645; 0: not asked)
 
     @property
     def reverted(self) -> bool:
@@ -129,7 +130,8 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
                       result.lr, check.halves_before, check.halves_after, result.refused, result.lr_errors,
                       kind, lora_blocks, list(surrogates) if options.train_surrogates else [],
                       time.perf_counter() - started, guidance.scale if guidance and kind == "trajectory" else 1.0,
-                      options.heal_kept, check.fresh_error(check.fresh_before), check.fresh_error(check.fresh_after))
+                      options.heal_kept, check.fresh_error(check.fresh_before), check.fresh_error(check.fresh_after),
+                      check.fresh_z())
 
 
 class _Before:
