@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from toy_rows import ADAPTER, Setting, write_rows
+from toy_rows import ADAPTER, Setting, paired_difference, write_rows
 
 import blockprune
 from blockprune.errors import BlockpruneError
@@ -124,11 +124,12 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'model':<10} {'ratio':>5} {'variant':<22} {'PSNR':>6} {'SSIM':>6} {'acc':>6} {'frechet':>8} {'s':>6} "
-          f"{'vs LS (dB)':>10}")
+          f"{'vs LS (dB) ± s.e.':>18}")
     for row in rows:
-        base = next((r["psnr"] for r in rows if r["ratio"] == row["ratio"] and r["label"] == "LS only"), float("nan"))
+        base = next((r for r in rows if r["ratio"] == row["ratio"] and r["label"] == "LS only"), {})
+        change, error = paired_difference(row, base)
         print(f"{row['model']:<10} {row['ratio']:>5.0%} {row['label']:<22} {row['psnr']:6.2f} {row['ssim']:6.3f} "
-              f"{row['accuracy']:6.3f} {row['frechet']:8.4f} {row['compress_s']:6.1f} {row['psnr'] - base:>+10.2f}")
+              f"{row['accuracy']:6.3f} {row['frechet']:8.4f} {row['compress_s']:6.1f} {change:>+10.2f} ± {error:.2f}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -18,6 +18,7 @@ from blockprune.toy import (
     dataset_images,
     evaluation_prompts,
     generate,
+    psnr,
     teacher_fidelity,
 )
 
@@ -57,9 +58,20 @@ class Setting:
 
 
 def image_scores(images: torch.Tensor, teacher: torch.Tensor, prompts: list[str], reference: torch.Tensor) -> dict:
-    """Teacher PSNR / SSIM, attribute accuracy and the checker's Fréchet distance of sampled images."""
-    return {**teacher_fidelity(images, teacher), **attribute_accuracy(images, prompts),
-            "frechet": checker_frechet_distance(images, reference)}
+    """Teacher PSNR / SSIM, attribute accuracy and the checker's Fréchet distance of sampled images; ``psnr_each``
+    holds each prompt's PSNR, so that two rows can be compared prompt by prompt (:func:`paired_difference`)."""
+    return {**teacher_fidelity(images, teacher), "psnr_each": psnr(images, teacher).tolist(),
+            **attribute_accuracy(images, prompts), "frechet": checker_frechet_distance(images, reference)}
+
+
+def paired_difference(row: dict, base: dict) -> tuple[float, float]:
+    """Mean PSNR change of ``row`` over ``base`` and its standard error, prompt by prompt (nan without ``psnr_each``).
+
+    A 64-prompt mean has an error of its own: each prompt's change varies by 0.8 to 3.5 dB (docs/results.md)."""
+    if "psnr_each" not in row or "psnr_each" not in base:
+        return float("nan"), float("nan")
+    change = torch.tensor(row["psnr_each"], dtype=torch.float64) - torch.tensor(base["psnr_each"], dtype=torch.float64)
+    return float(change.mean()), float(change.std() / change.numel() ** 0.5) if change.numel() > 1 else float("nan")
 
 
 def write_rows(args: argparse.Namespace, benchmark: str, rows: list[dict]) -> None:
