@@ -35,7 +35,7 @@ def test_the_statistic_is_the_signed_rank_z_with_ties_sharing_their_rank():
 
 
 def test_a_consistent_fall_is_confirmed_through_heavy_tails():
-    """The confirmation's changes are heavy-tailed (docs/results.md: kurtosis up to 17): most samples fall a little
+    """The confirmation's changes are heavy-tailed (docs/results.md: excess kurtosis up to 17): most samples fall a little
     while a few swing far either way. The rank test sees the many fall; the mean's t test would drown in the few."""
     change = torch.full((48,), -0.1)
     change[:8] = torch.tensor([3.0, -3.0] * 4)  # 8 samples of 48 swing far, as many up as down
