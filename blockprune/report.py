@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .plan import Plan
 from .progress import progress_bars  # noqa: F401 - where callers found it before progress.py
-from .sandwich.heal_check import CONFIDENCE_Z
+from .sandwich.heal_check import CONFIDENCE_Z, beats_on_both_halves
 
 
 def format_count(value: float | None) -> str:
@@ -90,7 +90,7 @@ def _refusal(heal: dict) -> str:
     """Why the guard put the start back although training had beaten it on the check; nothing if it did not."""
     if not heal.get("refused"):
         return ""
-    if all(a < b for a, b in zip(heal["halves_after"], heal["halves_before"])):
+    if beats_on_both_halves(heal["halves_after"], heal["halves_before"]):
         z = heal.get("fresh_z")
         within = "" if not z else f": signed-rank z {z:.2f}, below -{CONFIDENCE_Z} needed"
         return f" (refused: its gain on fresh noise was within the noise{within})"

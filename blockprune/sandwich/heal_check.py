@@ -103,7 +103,7 @@ class HeldCheck:
         """Whether the weights now loaded beat the start on each half of the check, not only in sum, and by more
         than the noise on fresh noise."""
         _, self.halves_after, logs = self._errors()
-        if not all(a < b for a, b in zip(self.halves_after, self.halves_before)):
+        if not beats_on_both_halves(self.halves_after, self.halves_before):
             return False
         self.fresh_after = logs if self.fresh is None else self._fresh_logs()
         return significantly_lower(self.fresh_after, self.fresh_before)
@@ -117,6 +117,11 @@ class HeldCheck:
     def fresh_error(logs: torch.Tensor) -> float:
         """The geometric mean of the samples' relative errors (0 when not measured)."""
         return float(logs.mean().exp()) if logs.numel() else 0.0
+
+
+def beats_on_both_halves(after: list[float], before: list[float]) -> bool:
+    """Whether the check's error on each of its halves is below the start's (the first test of the best weights)."""
+    return all(a < b for a, b in zip(after, before))
 
 
 def signed_rank_z(after: torch.Tensor, before: torch.Tensor) -> float:
