@@ -169,6 +169,8 @@ def run_config(pipe, label, ratio, options, calibration, reference, args) -> tup
             options["order"] = reference["blocks"]
         options = {"sandwich_steps": args.sandwich_steps, "sandwich_lr": args.sandwich_lr, "importance": args.importance,
                    **options}
+        if options.get("sandwich", True):
+            options.setdefault("heal_steps", 0)  # the paper's method: sandwich training, no global healing
         blockprune.compress(model, adapter=ADAPTER[args.model], ratio=ratio, calibration=calibration, seed=args.seed,
                             progress=False, cache_dir=Path(tempfile.gettempdir()) / "blockprune-ablation", **options)
         plan = blockprune.plan(model)

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     blocks = next(r["blocks"] for r in chosen if r["label"] == "auto" and r["sandwich"] and r["ratio"] == args.ratio)
     student = copy.deepcopy(setting.pipe)
     blockprune.compress(student, adapter=ADAPTER[args.model], ratio=args.ratio, order=blocks,
-                        calibration=setting.calibration, seed=args.seed, progress=False, cache_dir=False)
+                        calibration=setting.calibration, seed=args.seed, heal_steps=0, progress=False, cache_dir=False)
     teacher = setting.pipe.transformer
     prompts, seeds = evaluation_prompts(64, "train", seed=777), list(range(50_000, 50_064))  # not the evaluation's
     pool = {"student": lambda: sampled_inputs(student, prompts, seeds),

@@ -35,11 +35,12 @@ from blockprune.toy import (
     ToyPipeline,
 )
 
-OLD = {"sandwich_lr": 1e-4, "sandwich_split": 0.5, "sandwich_held_out": 0.2}  # ~ the old 0.25 of the half
+# the sandwich rows without healing, which compress's heal_steps="auto" would run on these rectified-flow models
+OLD = {"sandwich_lr": 1e-4, "sandwich_split": 0.5, "sandwich_held_out": 0.2, "heal_steps": 0}  # ~ the old 0.25 of the half
 VARIANTS = {  # label -> (sandwich, options)
     "LS only": (False, {}),
     "ST old defaults": (True, OLD),
-    "ST new defaults": (True, {}),
+    "ST new defaults": (True, {"heal_steps": 0}),
     "ST new + heal 100": (True, {"heal_steps": 100}),
     "ST new + heal 300": (True, {"heal_steps": 300}),
     "ST new + heal 100 full": (True, {"heal_steps": 100, "heal_kept": "full"}),  # every kept weight, not LoRA

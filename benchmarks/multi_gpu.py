@@ -69,7 +69,8 @@ def worker(args: argparse.Namespace) -> None:
                                                   cache_dir=False, device=device, **measured))
     compress = timed(lambda: blockprune.compress(model, adapter="flux", ratio=args.ratio, calibration=batches,
                                                  progress=False, cache_dir=False, device=device,
-                                                 sandwich_steps=args.steps, sandwich_lr=1e-4, **measured))
+                                                 sandwich_steps=args.steps, sandwich_lr=1e-4, heal_steps=0,
+                                                 **measured))
     if distributed.is_main():
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         Path(args.result).write_text(json.dumps({"scoring_s": scoring, "compress_s": compress, "peak_bytes": peak}))

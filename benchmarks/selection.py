@@ -91,6 +91,8 @@ def run_row(pipe, label, ratio, sandwich, calibration, args) -> tuple[ToyPipelin
     reused = label == "auto" and args.auto_blocks_from is not None
     if reused:
         options = {"sandwich_steps": options["sandwich_steps"], "order": chosen_before(args.auto_blocks_from, args, ratio)}
+    if sandwich:
+        options["heal_steps"] = 0  # the signals compared with sandwich training, not healing
     started = time.perf_counter()
     blockprune.compress(model, adapter=ADAPTER[args.model], ratio=ratio, calibration=calibration, seed=args.seed,
                         sandwich=sandwich, progress=False, cache_dir=args.cache_dir or False, **options)

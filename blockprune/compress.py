@@ -29,6 +29,7 @@ from .runtime.fingerprint import data_fingerprint, model_fingerprint
 from .runtime.forward import evaluation_mode, model_device
 from .runtime.interrupt import InterruptGuard
 from .runtime.workdir import Workdir
+from .sandwich.heal_states import resolve_heal_steps
 from .sandwich.reuse import LOG_ATTRIBUTE, assemble
 from .scoring import resolve_metrics
 from .scoring.auto import AUTO
@@ -36,6 +37,7 @@ from .scoring.guidance import check_guidance_source
 from .scoring.selection import ImportanceTable, score_run
 from .unused_options import (
     given_options,
+    warn_unused_healing,
     warn_unused_in_compress,
     warn_unused_in_importance,
 )
@@ -83,6 +85,7 @@ def _workdir(run: Run, result: Plan, sandwich: SandwichConfig | None) -> Workdir
         **run.config.resume_key(sandwich=sandwich is not None),
         "guidance_scale": run.guidance_scale,  # the scale the checks step with, wherever it came from
         "sampling_steps": run.sampling_steps,  # the steps auto's final check takes, wherever they came from
+        "heal_steps": sandwich.heal_steps if sandwich else 0,  # "auto" settled (it depends on offload, outside the key)
     }
     folder = run.config.workdir
     if distributed.is_main():
@@ -143,12 +146,22 @@ def compress(
         stack.enter_context(evaluation_mode(transformer))  # no dropout; the caller's modes come back after
         check_guidance_source(settings.guidance_scale, None if model is transformer else model)
         run = prepare_run(model, adapter, calibration, device, settings, stack, progress=progress)
+        sandwich_config = _settle_healing(sandwich_config, run, given_options(options))
         result = Plan(run.adapter.name, ratio, order, [b.name for b in run.blocks], seed=seed, importance=dict(weights))
         result.sandwich = asdict(sandwich_config) if sandwich_config else {}
         result.surrogate = settings.surrogate
         result.config = settings.to_dict()
         _compress_run(run, result, importance, sandwich_config, progress)
     return model
+
+
+def _settle_healing(sandwich: SandwichConfig | None, run: Run, given: list[str]) -> SandwichConfig | None:
+    """``sandwich`` with ``heal_steps="auto"`` settled for this model and run, warning about heal options left unused."""
+    if sandwich is None:
+        return None
+    settled = resolve_heal_steps(sandwich, run.adapter, run.offload is not None)
+    warn_unused_healing(given, sandwich, settled)
+    return settled
 
 
 def _importance_weights(importance: Any, order: Any, settings: CompressConfig) -> dict[str, float]:

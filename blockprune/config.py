@@ -92,7 +92,9 @@ class SandwichConfig:
     held_out: float = 0.2  # share of the calibration batches held out: the guard's check and the report
     eval_every: int = 10  # steps between held-out checks; the best weights seen are kept
     patience: int = 3  # checks in a row without improvement before the stage stops early
-    heal_steps: int = 0  # global healing after the last replacement: steps at most (0: off; docs/results.md)
+    # global healing after the last replacement: steps at most (0: off), or "auto": AUTO_HEAL_STEPS where healing
+    # trains on the model's own trajectory (rectified-flow models without offload; measured there), else off
+    heal_steps: int | str = "auto"
     # how healing trains the kept blocks: "lora" (rank lora_rank, merged after), or "full" (every weight, in float32,
     # its gradient, AdamW's two moments and the guard's copies: about 24 bytes per parameter on top of the model)
     heal_kept: str = "lora"
@@ -113,7 +115,9 @@ class SandwichConfig:
             raise BlockpruneError(f"sandwich_width must be 1, 3 or 5, got {self.width!r}")
         for name in ("steps", "batch_size", "lora_rank", "eval_every", "patience"):
             positive_int(_sandwich_option(name), getattr(self, name))
-        non_negative_int("heal_steps", self.heal_steps, "0 turns healing off")
+        steps = self.heal_steps
+        if steps != "auto" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise BlockpruneError(f"heal_steps must be 'auto' or an integer ≥ 0 (0 turns healing off), got {steps!r}")
         if self.lr != "auto":
             positive_number(_sandwich_option("lr"), self.lr)
         for name in ("lora_alpha", "activation_budget"):
@@ -190,7 +194,7 @@ class CompressConfig:
         if self.sampling_steps is not None:
             positive_int("sampling_steps", self.sampling_steps)
         folder("workdir", self.workdir)
-        if self.offload and self.sandwich.heal_steps and self.sandwich.heal_kept == "full":
+        if self.offload and self.sandwich.heal_steps not in (0, "auto") and self.sandwich.heal_kept == "full":
             raise BlockpruneError("heal_kept='full' trains every weight of the kept blocks, which offload=True does not "
                                   "hold on the GPU: use heal_kept='lora' with offload")
         if self.offload and self.sandwich.heal_steps and self.sandwich.heal_states == "trajectory":

@@ -12,7 +12,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import Any
 
-from .config import CompressConfig, ScoringConfig, defaults, sandwich_option_names
+from .config import (
+    CompressConfig,
+    SandwichConfig,
+    ScoringConfig,
+    defaults,
+    sandwich_option_names,
+)
 from .errors import UnusedOptionWarning
 
 AUTO_ONLY = ("auto_held_out", "auto_refine", "auto_check", "auto_check_batches", "auto_check_samples", "auto_finalists")
@@ -32,10 +38,10 @@ def _is_default(value: Any, default: Any) -> bool:
     return isinstance(value, plain) and type(value) is type(default) and value == default
 
 
-def _warn(reasons: Mapping[str, str]) -> None:
+def _warn(reasons: Mapping[str, str], stacklevel: int = 4) -> None:
     for name, reason in reasons.items():
         warnings.warn(f"option {name} does nothing in this call: {reason}; leave it out", UnusedOptionWarning,
-                      stacklevel=4)
+                      stacklevel=stacklevel)
 
 
 def _recording_reason(recording: bool) -> dict[str, str]:
@@ -68,7 +74,7 @@ def warn_unused_in_compress(given: Iterable[str], settings: CompressConfig, *, s
     if not (isinstance(importance, str) and importance == "auto"):
         reasons.update({n: "it is used only with importance='auto'" for n in AUTO_ONLY if n not in reasons})
     auto = order == "importance" and isinstance(importance, str) and importance == "auto"
-    if not (auto or (sandwich and settings.sandwich.heal_steps > 0)):
+    if not (auto or (sandwich and settings.sandwich.heal_steps != 0)):
         reasons.setdefault("guidance_scale", "it guides the checks of importance='auto' and of healing, and neither runs")
     if sandwich and settings.sandwich.heal_steps == 0:
         reasons.setdefault("heal_kept", "heal_steps=0: no healing runs")
@@ -77,6 +83,14 @@ def warn_unused_in_compress(given: Iterable[str], settings: CompressConfig, *, s
         reasons.setdefault("sandwich_train_surrogates", f"surrogate={settings.surrogate!r} has no trainable maps")
     reasons.update({n: why for n, why in _recording_reason(recording).items() if n not in reasons})
     _warn({name: reasons[name] for name in given if name in reasons})
+
+
+def warn_unused_healing(given: Iterable[str], asked: SandwichConfig, settled: SandwichConfig) -> None:
+    """Warn about ``heal_kept`` / ``heal_states`` when ``heal_steps="auto"`` (``asked``) settled on no healing."""
+    if asked.heal_steps == "auto" and settled.heal_steps == 0:
+        why = ("heal_steps='auto' heals only where it trains on the model's own trajectory (a rectified-flow model "
+               "without offload); pass heal_steps=100 to heal here")
+        _warn({name: why for name in given if name in ("heal_kept", "heal_states")}, stacklevel=5)  # via compress's helper
 
 
 def warn_unused_in_importance(given: Iterable[str], *, recording: bool) -> None:

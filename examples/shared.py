@@ -69,6 +69,9 @@ def parser_for(family: Family) -> argparse.ArgumentParser:
                         help="sandwich training after each replacement (default on)")
     parser.add_argument("--sandwich-steps", type=int, default=SandwichConfig().steps,
                         help=f"optimizer steps per sandwich stage (default {SandwichConfig().steps})")
+    parser.add_argument("--heal-steps", default="auto", type=lambda text: text if text == "auto" else int(text),
+                        help="global healing after the last stage, steps at most; 0 turns it off (default auto: 100 "
+                             "on rectified-flow models such as FLUX and SD3)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the grid images (default 0 1)")
     parser.add_argument("--grid-prompts", type=int, default=2, help="prompts in the grid (default 2, from the calibration prompts)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps of the grid images (default 28)")
@@ -154,7 +157,8 @@ def compress_and_compare(family: Family, args: argparse.Namespace) -> None:
     if args.importance:
         options["importance"] = args.importance
     blockprune.compress(model, adapter=family.adapter, ratio=args.ratio, calibration=calibration,
-                        sandwich=args.sandwich, sandwich_steps=args.sandwich_steps, seed=args.seed, **options)
+                        sandwich=args.sandwich, sandwich_steps=args.sandwich_steps, heal_steps=args.heal_steps,
+                        seed=args.seed, **options)
     blockprune.save_pretrained(model, output)
     print(f"saved the compressed transformer to {output}/; load it with blockprune.from_pretrained({str(output)!r})")
     after = forward_latency(transformer, batch, args.latency_repeats, args.latency_warmup)

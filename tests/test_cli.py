@@ -90,11 +90,12 @@ def test_compress_with_sandwich_training_in_a_workdir_then_reuse(tmp_path, capsy
     blockprune.save_calibration(flux_batches(6), tmp_path / "batches.safetensors")
     common = ["compress", model_folder, "--calibration", tmp_path / "batches.safetensors", "--no-progress", "--no-cache"]
     code, out, err = run_cli(capsys, *common, "-o", tmp_path / "high", "--ratio", 0.5, "--sandwich-steps", 3,
-                             "--sandwich-width", 1, "--lora-rank", 4, "--workdir", tmp_path / "work")
+                             "--sandwich-width", 1, "--lora-rank", 4, "--heal-steps", 0, "--workdir", tmp_path / "work")
     assert code == 0, err
     assert "sandwich training (held-out batches)" in out
     high = blockprune.plan(blockprune.from_pretrained(tmp_path / "high"))
     assert high.sandwich["steps"] == 3 and high.sandwich["width"] == 1 and high.sandwich["lora_rank"] == 4
+    assert high.sandwich["heal_steps"] == 0 and not high.heal
     assert [stage.block for stage in high.stages] == high.replaced_names
     assert (tmp_path / "work" / "manifest.json").is_file() and (tmp_path / "high" / "stages.safetensors").is_file()
 

@@ -20,8 +20,8 @@ def _fused_weights(model, name):
 def test_keyword_options_and_config_object_give_the_same_compression():
     by_keyword, by_config = make_flux(), make_flux()
     blockprune.compress(by_keyword, ratio=0.5, calibration=flux_batches(6), ridge=1e-3, sandwich_steps=3,
-                        sandwich_lr=1e-3, lora_rank=4, **FAST)
-    config = CompressConfig(ridge=1e-3, sandwich=SandwichConfig(steps=3, lr=1e-3, lora_rank=4))
+                        sandwich_lr=1e-3, lora_rank=4, heal_steps=0, **FAST)
+    config = CompressConfig(ridge=1e-3, sandwich=SandwichConfig(steps=3, lr=1e-3, lora_rank=4, heal_steps=0))
     blockprune.compress(by_config, ratio=0.5, calibration=flux_batches(6), config=config, **FAST)
     plan_k, plan_c = blockprune.plan(by_keyword), blockprune.plan(by_config)
     assert plan_k.replaced_names == plan_c.replaced_names
@@ -77,7 +77,8 @@ def test_resume_key_leaves_out_what_does_not_change_the_result():
 
 
 def test_a_workdir_resumes_with_another_activation_budget_but_not_another_ridge(tmp_path):
-    options = {"ratio": 0.5, "calibration": flux_batches(6), "sandwich_steps": 2, "workdir": tmp_path / "w", **FAST}
+    options = {"ratio": 0.5, "calibration": flux_batches(6), "sandwich_steps": 2, "heal_steps": 0, "workdir": tmp_path / "w",
+               **FAST}
     blockprune.compress(make_flux(), **options)
     again = make_flux()
     blockprune.compress(again, sandwich_activation_budget=2**20, **options)

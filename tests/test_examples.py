@@ -23,7 +23,7 @@ def run_example(script, *argv, cwd):
 @pytest.mark.parametrize(
     ("script", "extra", "blocks", "replaced"),
     [("flux/compress_flux.py", ["--model", "flux-random", "--no-sandwich", "--importance", "fit_residual"], 20, 2),
-     ("sd3/compress_sd3.py", ["--sandwich-steps", 3], 6, 1)],
+     ("sd3/compress_sd3.py", ["--sandwich-steps", 3, "--heal-steps", 0], 6, 1)],
     ids=["flux-least-squares", "sd3-sandwich"],
 )  # fit_residual: this checks the example's own work; importance="auto" (compress's default) runs in test_demo
 def test_tiny_mode_compresses_saves_and_reports(tmp_path, script, extra, blocks, replaced):
@@ -43,6 +43,7 @@ def test_tiny_mode_compresses_saves_and_reports(tmp_path, script, extra, blocks,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == files
     plan = blockprune.plan(blockprune.from_pretrained(tmp_path / "out"))
     assert len(plan.replaced) == replaced and len(plan.stages) == (replaced if sandwich else 0)
+    assert not plan.heal  # --heal-steps 0 (sd3) or --no-sandwich (flux)
 
 
 def test_tiny_flux_draws_the_trained_toy_model_on_prompts_it_can_draw(tmp_path):

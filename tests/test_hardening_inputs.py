@@ -262,7 +262,7 @@ def test_inf_is_found_inside_nested_values_but_allowed_in_masks():
 @pytest.mark.parametrize("options, reason", [
     ({"sandwich": False, "sandwich_steps": 5}, "sandwich_steps does nothing in this call: sandwich=False"),
     ({"sandwich": False, "lora_rank": 4}, "lora_rank does nothing in this call: sandwich=False"),
-    ({"sandwich_steps": 1, "keep_activations": True}, "keep_activations does nothing in this call: without workdir="),
+    ({"sandwich_steps": 1, "heal_steps": 0, "keep_activations": True}, "keep_activations does nothing in this call: without workdir="),
     ({"sandwich": False, "order": "start2end", "ablation": "replace"}, "ablation .*: with a fixed order= no block"),
     ({"sandwich": False, "auto_refine": 2}, "auto_refine .*: it is used only with importance='auto'"),
     ({"sandwich": False, "calibration_steps": 4}, "calibration_steps .*: calibration is recorded from a pipeline"),
@@ -287,7 +287,7 @@ def test_options_that_are_used_or_left_at_their_default_are_not_warned_about():
         blockprune.compress(make_flux(), ratio=0.25, calibration=flux_batches(3), sandwich=False, sandwich_steps=100,
                             keep_activations=False, ridge=1e-5, **FAST)
         blockprune.compress(make_flux(), ratio=0.25, calibration=flux_batches(3), sandwich_steps=1, lora_rank=2,
-                            ablation="replace", **FAST)
+                            ablation="replace", heal_steps=0, **FAST)
     with pytest.warns(UnusedOptionWarning, match="option sandwich_steps does nothing .*importance\\(\\) only scores"):
         blockprune.importance(make_flux(), calibration=flux_batches(2), sandwich_steps=5, **QUIET)
 

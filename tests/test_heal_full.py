@@ -65,4 +65,5 @@ def test_bad_or_unused_heal_kept_is_named():
         blockprune.compress(make_flux(), calibration=flux_batches(4), heal_steps=5, heal_kept="full",
                             offload=True, device="cpu", **FAST)
     with pytest.warns(UnusedOptionWarning, match="option heal_kept does nothing in this call: heal_steps=0"):
-        blockprune.compress(make_flux(), calibration=flux_batches(4), heal_kept="full", sandwich_steps=2, **FAST)
+        blockprune.compress(make_flux(), calibration=flux_batches(4), heal_kept="full", sandwich_steps=2, heal_steps=0,
+                            **FAST)

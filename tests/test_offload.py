@@ -8,7 +8,7 @@ import blockprune
 from blockprune.errors import BlockpruneError
 from blockprune.runtime.offload import HostBuffer, Offload
 
-OPTIONS = {"ratio": 0.5, "sandwich_steps": 5, "sandwich_lr": 1e-3, "progress": False, "cache_dir": False}
+OPTIONS = {"ratio": 0.5, "sandwich_steps": 5, "sandwich_lr": 1e-3, "heal_steps": 0, "progress": False, "cache_dir": False}
 
 
 def test_offloaded_compress_equals_the_plain_one():

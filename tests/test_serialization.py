@@ -125,8 +125,8 @@ def test_saving_again_into_a_folder_leaves_no_weights_of_the_earlier_save(tmp_pa
 
 def test_saving_a_run_without_sandwich_stages_removes_an_earlier_runs_stages(tmp_path):
     trained = make_flux()
-    blockprune.compress(trained, ratio=0.25, calibration=flux_batches(6), sandwich_steps=2, progress=False,
-                        cache_dir=False)
+    blockprune.compress(trained, ratio=0.25, calibration=flux_batches(6), sandwich_steps=2, heal_steps=0,
+                        progress=False, cache_dir=False)
     blockprune.save_pretrained(trained, tmp_path)
     assert (tmp_path / "stages.safetensors").is_file()
     plain, _ = _compressed("flux", ratio=0.5)  # least squares alone

@@ -13,7 +13,7 @@ from blockprune.discovery.resolve import resolve_blocks
 from blockprune.sandwich.data import record_span_inputs, same_samples
 from blockprune.sandwich.stage import span_capture
 
-FAST = {"progress": False, "cache_dir": False, "sandwich_steps": 4, "sandwich_eval_every": 2}
+FAST = {"progress": False, "cache_dir": False, "sandwich_steps": 4, "sandwich_eval_every": 2, "heal_steps": 0}
 
 
 def compress_counting(make, batches, adapter, order, shared=True, monkeypatch=None, **options):

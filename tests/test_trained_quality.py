@@ -26,14 +26,15 @@ def test_brll_with_sandwich_training_keeps_higher_fidelity_than_deleting_the_sam
     calibration = calibration_batches(pipe, 32, seed=0)
     psnr = {}
     order = None
-    for method, options in {"brll+st": {}, "deletion+st": {"surrogate": "identity"},
+    for method, options in {"brll+st": {"heal_steps": 0}, "deletion+st": {"surrogate": "identity", "heal_steps": 0},
                             "deletion": {"surrogate": "identity", "sandwich": False}}.items():
         compressed = copy.deepcopy(pipe)
+        # the blocks: fit_residual's, the cheapest choice (which signal chooses best is test_trained_selection's)
         blockprune.compress(compressed, adapter="flux", ratio=0.2, calibration=calibration, order=order or "importance",
-                            score_batches=4, sandwich_steps=20, sandwich_lr=1e-3, progress=False, cache_dir=False,
-                            **options)
+                            importance="fit_residual", score_batches=4, sandwich_steps=20, sandwich_lr=1e-3,
+                            progress=False, cache_dir=False, **options)
         order = order or blockprune.plan(compressed).replaced_names  # the same 4 blocks for every method
         psnr[method] = teacher_fidelity(generate(compressed, PROMPTS, SEEDS, STEPS), teacher)["psnr"]
     assert len(order) == 4
-    assert psnr["brll+st"] > psnr["deletion+st"]  # 16.97 vs 16.50 dB with torch 2.13 on CPU
+    assert psnr["brll+st"] > psnr["deletion+st"]  # 20.67 vs 15.87 dB with torch 2.13 on CPU
     assert psnr["brll+st"] > psnr["deletion"] + 1.0  # vs 15.47 dB

@@ -17,7 +17,7 @@ import blockprune.sandwich.stage
 from blockprune.errors import BlockpruneError, CompressionInterrupted
 
 HERE = Path(__file__).parent
-OPTIONS = {"ratio": 0.5, "sandwich_steps": 8, "sandwich_lr": 1e-3, "progress": False, "cache_dir": False}
+OPTIONS = {"ratio": 0.5, "sandwich_steps": 8, "sandwich_lr": 1e-3, "heal_steps": 0, "progress": False, "cache_dir": False}
 
 
 def _job(workdir, out, kill_at=None, heal_steps=0):

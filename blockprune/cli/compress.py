@@ -22,6 +22,7 @@ from .options import (
     add_model_arguments,
     add_offload_argument,
     add_scoring_arguments,
+    auto_or,
     load_for_run,
     parse_importance,
 )
@@ -37,7 +38,8 @@ SANDWICH_HELP = {
     "held_out": "share of the calibration batches held out: the guard's check and the before/after report",
     "eval_every": "steps between held-out checks; the best weights seen are kept",
     "patience": "checks in a row without improvement before a stage stops early",
-    "heal_steps": "global healing after the last stage, steps at most (0: off)",
+    "heal_steps": "global healing after the last stage, steps at most (0: off), or auto: 100 where it trains on the "
+                  "model's own trajectory (rectified-flow models without offload), else off",
     "heal_kept": "how healing trains the kept blocks: lora (merged after) or full (every weight; far more memory)",
     "heal_states": "what healing trains on: trajectory (the compressed model's own sampling), calibration, or auto "
     "(the trajectory for rectified-flow models without offload)",
@@ -72,20 +74,12 @@ def add_sandwich_arguments(parser: argparse.ArgumentParser) -> None:
         elif field.name == "lora_targets":
             group.add_argument(flag, dest=name, nargs="+", metavar="NAME", help=text)
         elif field.name == "lr":
-            group.add_argument(flag, dest=name, type=_rate, metavar="X", help=text)
+            group.add_argument(flag, dest=name, type=auto_or(float, "a number"), metavar="X", help=text)
+        elif field.name == "heal_steps":
+            group.add_argument(flag, dest=name, type=auto_or(int, "a whole number"), metavar="N", help=text)
         else:
             group.add_argument(flag, dest=name, type=type(default), metavar="N" if isinstance(default, int) else "X",
                                help=text)
-
-
-def _rate(text: str) -> float | str:
-    """``auto`` or a number, for ``--sandwich-lr``."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:

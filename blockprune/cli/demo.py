@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..toy.small_models import TOY_MODELS
+from .options import auto_or
 from .sources import check_output_folder
 
 
@@ -24,9 +25,9 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
     parser = commands.add_parser(
         "demo", parents=parents, help="compress the embedded default model and report",
         description="Compress flux-small, the project's 20-block FLUX-architecture text-to-image model trained on "
-        "toy shapes (importance scoring, least squares and sandwich training); print the plan; save, reload, and "
-        "report image fidelity against the original, attribute accuracy, FLOPs and CPU latency (median and spread "
-        "of repeated, interleaved runs); write a labelled image grid.",
+        "toy shapes (importance scoring, least squares, sandwich training and global healing); print the plan; save, "
+        "reload, and report image fidelity against the original, attribute accuracy, FLOPs and CPU latency (median and "
+        "spread of repeated, interleaved runs); write a labelled image grid.",
     )
     parser.add_argument("--ratio", type=float, default=0.2, help="share of blocks to replace (default 0.2)")
     parser.add_argument("--model", choices=sorted(TOY_MODELS), default="flux-small", help="trained small model (default flux-small)")
@@ -37,6 +38,9 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
     parser.add_argument("--prompts", action=RenamedFlag, new="--num-prompts N",
                         note="a count; --prompts FILE names a prompts file in compress, importance and calibrate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration data, prompts and noise (default 0)")
+    parser.add_argument("--heal-steps", dest="heal_steps", type=auto_or(int, "a whole number"), default="auto",
+                        metavar="N", help="global healing's steps at most (default auto: 100 on these rectified-flow "
+                                          "models; 0: none, a faster run)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     parser.set_defaults(run=run)
 
@@ -47,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_folder(args.output, args.overwrite)
     demo(ratio=args.ratio, output=args.output, seed=args.seed, model=args.model, num_prompts=args.num_prompts,
-         progress=args.progress)
+         progress=args.progress, heal_steps=args.heal_steps)
     return 0

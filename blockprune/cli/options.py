@@ -195,3 +195,15 @@ def place(model: Any, device: str, offload: bool) -> None:
         for name, component in model.components.items():
             if isinstance(component, nn.Module) and name != "transformer":
                 component.to(device)
+
+
+def auto_or(convert: type, what: str) -> Any:
+    """An argparse type taking ``auto`` or what ``convert`` reads (``--sandwich-lr``, ``--heal-steps``)."""
+    def parse(text: str) -> Any:
+        if text == "auto":
+            return text
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} or auto, got {text!r}") from None
+    return parse
