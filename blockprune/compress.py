@@ -139,14 +139,15 @@ def compress(
         raise BlockpruneError("this model is already compressed; compress the original model instead")
     refuse_unfused_lora(transformer)
     weights = _importance_weights(importance, order, settings)
-    warn_unused_in_compress(given_options(options), settings, sandwich=sandwich, order=order, importance=importance,
+    given = given_options(options)
+    warn_unused_in_compress(given, settings, sandwich=sandwich, order=order, importance=importance,
                             recording=calibration is None and model is not transformer, trainable=kind.trainable)
     torch.manual_seed(seed)
     with contextlib.ExitStack() as stack:
         stack.enter_context(evaluation_mode(transformer))  # no dropout; the caller's modes come back after
         check_guidance_source(settings.guidance_scale, None if model is transformer else model)
         run = prepare_run(model, adapter, calibration, device, settings, stack, progress=progress)
-        sandwich_config = _settle_healing(sandwich_config, run, given_options(options))
+        sandwich_config = _settle_healing(sandwich_config, run, given)
         result = Plan(run.adapter.name, ratio, order, [b.name for b in run.blocks], seed=seed, importance=dict(weights))
         result.sandwich = asdict(sandwich_config) if sandwich_config else {}
         result.surrogate = settings.surrogate
