@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from blockprune import plan
-from blockprune.cli import main
+from blockprune.cli import build_parser, main
 from blockprune.errors import BlockpruneError
 from blockprune.serialization import from_pretrained
 from blockprune.toy.demo import demo, flux_batches, tiny_flux
@@ -27,7 +27,13 @@ def test_demo_compresses_the_trained_model_and_writes_a_grid(tmp_path, capsys):
         assert grid.size[0] == LABEL_WIDTH + 8 * (32 * 4 + 2)  # eight 32-pixel images upscaled 4×
         assert grid.size[1] > 2 * (32 * 4 + 2)  # two rows below a header of prompts
     loaded = from_pretrained(tmp_path / "out" / "transformer")
-    assert len(plan(loaded).replaced) == 2
+    assert len(plan(loaded).replaced) == 2 and not plan(loaded).heal  # heal_steps=0 reached compress
+
+
+def test_demo_command_line_takes_the_healing_steps():
+    parser = build_parser(["demo"])
+    assert parser.parse_args(["demo"]).heal_steps == "auto"
+    assert parser.parse_args(["demo", "--heal-steps", "0"]).heal_steps == 0
 
 
 def test_demo_command_line_refuses_a_folder_in_use(tmp_path, capsys):
