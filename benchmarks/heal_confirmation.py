@@ -7,7 +7,9 @@ The blocks ``auto`` chose (with sandwich training) in a selection.py run are rep
 with ``heal_steps`` of healing whose best weights are kept whatever the confirmation says (its verdict is recorded).
 For the confirmation: each fresh sample's change of log error, the paired t statistic, the Wilcoxon signed-rank
 statistic the guard uses, the share of samples that improved, the changes' skew and kurtosis. For the images (the same
-prompts and noise as healing.py): each prompt's change of teacher PSNR, its mean and standard error. CPU or GPU,
+prompts and noise as healing.py): each prompt's change of teacher PSNR, its mean and standard error. ``--fresh N``
+draws the confirmation's samples for at least N (the library's ``FRESH_TRAJECTORIES`` by default); its trajectories
+nest, so the verdict a smaller confirmation (``--sizes``) would have given is the same run's first samples. CPU or GPU,
 one run per call; the JSON holds the per-sample changes. A table is printed last.
 """
 
@@ -27,8 +29,11 @@ from healing import chosen_blocks  # noqa: E402
 from toy_rows import ADAPTER, Setting  # noqa: E402
 
 import blockprune  # noqa: E402
+from blockprune.config import SandwichConfig  # noqa: E402
+from blockprune.progressive import split_indices  # noqa: E402
 from blockprune.runtime.forward import to_device  # noqa: E402
 from blockprune.sandwich import heal_check  # noqa: E402
+from blockprune.scoring.trajectory import trajectory_runs  # noqa: E402
 from blockprune.toy import calibration_batches, generate, psnr  # noqa: E402
 
 
@@ -47,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--fresh", type=int, default=heal_check.FRESH_TRAJECTORIES,
+                        help="the confirmation's samples at least (heal_check.FRESH_TRAJECTORIES for this run)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64],
+                        help="also give the verdicts of confirmations of at least these samples (at most --fresh)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, required=True, help="folder for the JSON")
     return parser.parse_args(argv)
@@ -65,8 +74,21 @@ def describe(change: torch.Tensor) -> dict:
             "changes": change.tolist()}
 
 
+def fresh_sizes(args: argparse.Namespace, sizes: list[int]) -> dict[int, int]:
+    """For each confirmation size asked for (at least that many samples), how many samples it measures: whole
+    draws of the held-out batches it uses (the same split compress makes)."""
+    defaults = SandwichConfig()
+    held = split_indices(args.calibration, defaults.split, defaults.held_out, args.seed)[2]
+    result = {}
+    for at_least in sizes:
+        drawn = min(len(held), at_least) * args.batch_size
+        result[at_least] = drawn * trajectory_runs(drawn, at_least)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    heal_check.FRESH_TRAJECTORIES = args.fresh
     if (args.blocks is None) == (args.blocks_from is None):
         raise SystemExit("give the blocks with --blocks or --blocks-from, one of them")
     setting = Setting.of(args)
@@ -97,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
               "best_step": heal["best_step"], "steps_run": heal["steps_run"],
               "confirmed": verdicts[-1][2] if verdicts else None,
               "fresh": describe(verdicts[-1][0] - verdicts[-1][1]) if verdicts else None,
+              "fresh_by_size": ({str(a): describe((verdicts[-1][0] - verdicts[-1][1])[:n])
+                                 for a, n in fresh_sizes(args, sorted({*args.sizes, args.fresh})).items()}
+                                if verdicts else None),
               "psnr_change": {**describe(prompt_change), "mean_psnr_st": float(psnr(images["ST"], setting.teacher).mean())}}
     args.output.mkdir(parents=True, exist_ok=True)
     name = f"heal-confirmation-{args.model}-seed{args.seed}-r{round(args.ratio * 100)}.json"
@@ -109,6 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         print(f"{label:<14} {d['n']:>4} {d['mean']:>8.4f} {d['std']:>7.4f} {d['t']:>7.2f} {d['signed_rank_z']:>7.2f} "
               f"{d['fallen']:>7.2f} {d['skew']:>6.2f} {d['kurtosis']:>6.2f}")
+    for at_least, d in (result["fresh_by_size"] or {}).items():
+        print(f"confirmation of at least {at_least:>4} samples: n {d['n']:>4}, rank z {d['signed_rank_z']:>6.2f}: "
+              f"{'kept' if d['signed_rank_z'] < -heal_check.CONFIDENCE_Z else 'refused'}")
     print(f"kept step {result['best_step']}/{result['steps_run']}; the guard would have "
           f"{'kept' if result['confirmed'] else 'refused'} it; image PSNR {result['psnr_change']['mean']:+.2f} dB")
     return result

@@ -198,8 +198,10 @@ class CompressConfig:
             raise BlockpruneError("heal_kept='full' trains every weight of the kept blocks, which offload=True does not "
                                   "hold on the GPU: use heal_kept='lora' with offload")
         if self.offload and self.sandwich.heal_steps and self.sandwich.heal_states == "trajectory":
+            auto = (" and a number of heal_steps (100, say: heal_steps='auto' does not heal under offload), or drop "
+                    "heal_states to compress without healing") if self.sandwich.heal_steps == "auto" else ""
             raise BlockpruneError("heal_states='trajectory' puts the unpruned blocks back on the GPU for its targets, "
-                                  "which offload=True does not hold: use heal_states='calibration' with offload")
+                                  f"which offload=True does not hold: use heal_states='calibration' with offload{auto}")
         if self.max_gpu_memory is not None:
             if not self.offload:
                 raise BlockpruneError("max_gpu_memory bounds what offload=True keeps on the GPU; pass offload=True "

@@ -2,13 +2,19 @@
 
 import pytest
 import torch
+from conftest import flux_batches, make_flux
 
 import blockprune
 from blockprune.plan import plan as plan_of
+from blockprune.plugins import get_adapter
 from blockprune.report import stages_table
 from blockprune.sandwich.heal_check import (
+    CHECK_BATCHES,
+    FRESH_TRAJECTORIES,
     HeldCheck,
     HeldReference,
+    fresh_check,
+    guard_check,
     signed_rank_z,
     significantly_lower,
 )
@@ -85,7 +91,7 @@ def test_on_the_trained_sd3_small_the_heal_that_lowered_psnr_is_refused():
     heal = plan_of(pipe).heal
     assert heal["states"] == "trajectory" and heal["refused"] and heal["best_step"] == 0
     assert all(a < b for a, b in zip(heal["halves_after"], heal["halves_before"]))  # it had won on both halves
-    assert 0 < heal["fresh_error_after"]  # measured: 3.6 % below the start's on average, within the samples' noise
+    assert 0 < heal["fresh_error_after"]  # on 72 fresh samples no lower than the start's (on 36: 3.6 % lower)
     assert -1.645 < heal["fresh_z"] < 0
     assert "within the noise" in stages_table(plan_of(pipe)).caption
 
@@ -106,3 +112,21 @@ def test_one_step_outputs_confirm_themselves_without_being_measured_twice():
     assert len(calls) == 1 and HeldCheck.fresh_error(held.fresh_before) == pytest.approx(start)
     assert held.accepts() and len(calls) == 2  # half the error on every sample: confirmed by the same measurement
     assert HeldCheck.fresh_error(held.fresh_after) < start
+
+
+def test_the_confirmation_draws_twice_the_checks_samples_from_more_held_out_batches_where_there_are_more():
+    """The check measures 32 trajectories at least on 8 held-out batches; the confirmation at least 64, from fresh
+    noise, on up to 64 held-out batches (a held-out set of a few batches is drawn again with other noise)."""
+    model = make_flux(double=1, single=1)
+    adapter = get_adapter(model, "flux")
+    # 3 batches of 2: 6 to a draw, 6 draws for the check, 11 for the confirmation; 80 batches of 1: the check draws
+    # its 8 batches 4 times, the confirmation draws 64 batches once
+    for batches, check_samples, fresh_samples in ((flux_batches(3), 36, 66), (flux_batches(80, batch=1), 32, 64)):
+        with torch.no_grad():
+            check = torch.cat(guard_check(model, adapter, batches)[1]())
+            fresh = torch.cat(fresh_check(model, adapter, batches)())
+        assert (check.shape[0], fresh.shape[0]) == (check_samples, fresh_samples) and CHECK_BATCHES == 8
+        assert fresh_samples >= FRESH_TRAJECTORIES == 64
+        assert not any(torch.allclose(f, c) for f in fresh for c in check)  # noise the check never draws
+        assert len({tuple(f.flatten()[:4].tolist()) for f in fresh}) == fresh_samples  # no sample repeated
+    assert fresh_check(model, get_adapter(model, "generic"), batches) is None  # one-step outputs: no noise to draw

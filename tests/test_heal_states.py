@@ -83,6 +83,10 @@ def test_bad_or_unusable_heal_states_are_named():
     with pytest.raises(blockprune.BlockpruneError, match="offload=True.*heal_states='calibration' with offload"):
         blockprune.compress(make_flux(), calibration=flux_batches(8), offload=True, device="cpu",
                             **{**HEAL, "heal_states": "trajectory"})
+    with pytest.raises(blockprune.BlockpruneError, match="with offload and a number of heal_steps .100, say: heal_steps="
+                       "'auto' does not heal under offload.*or drop heal_states"):  # the default's own way out
+        blockprune.compress(make_flux(), calibration=flux_batches(8), offload=True, device="cpu",
+                            **{**HEAL, "heal_steps": "auto", "heal_states": "trajectory"})
     with pytest.warns(UnusedOptionWarning, match="heal_states does nothing.*heal_steps=0"):
         blockprune.compress(make_flux(), calibration=flux_batches(8),
                             **{**HEAL, "heal_steps": 0, "heal_states": "calibration"})

@@ -9,8 +9,8 @@ by that check: for rectified-flow models the latents of a short trajectory from 
 the one-step outputs. The error is each sample's relative error, geometric mean over samples (as ``auto``
 ranks plans, and as a mean PSNR in dB weighs samples). The best weights are chosen on that check, so their
 figure flatters them; they are kept only when they beat the start on each half of it and, confirmed on fresh
-noise (trajectories from seeds the check never draws), lower the samples' log error by more than its noise. LoRA
-is merged afterwards, so inference costs nothing extra.
+noise (twice the check's trajectories, from seeds it never draws), lower the samples' log error by more than its
+noise. LoRA is merged afterwards, so inference costs nothing extra.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ..runtime.offload import Offload
 from ..scoring.guidance import Guidance
 from .blockwise import blockwise_backward, checkpointed_blocks
 from .guard import LR_GRID, guarded_training
-from .heal_check import FRESH_SEED, HeldCheck, HeldReference, guard_check
+from .heal_check import HeldCheck, HeldReference, fresh_check, guard_check
 from .lora import add_lora, merge_lora, remove_lora
 from .training import autocast, guard_settings, training_attention
 
@@ -96,8 +96,7 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
     before = _Before(model, {name: modules[name] for name in surrogates + full})
     world, rank = distributed.world_size(), distributed.rank() if distributed.active() else 0
     kind, measure = guard_check(model, adapter, held, guidance)
-    fresh = guard_check(model, adapter, held, guidance, FRESH_SEED)[1] if kind == "trajectory" else None
-    check = HeldCheck(measure, fresh, held_reference, device)
+    check = HeldCheck(measure, fresh_check(model, adapter, held, guidance), held_reference, device)
 
     def step_loss(index: int) -> torch.Tensor | None:
         if index % world != rank:
