@@ -54,8 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--fresh", type=int, default=heal_check.FRESH_TRAJECTORIES,
                         help="the confirmation's samples at least (heal_check.FRESH_TRAJECTORIES for this run)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64],
-                        help="also give the verdicts of confirmations of at least these samples (at most --fresh)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[BEFORE, 64],
+                        help="also give the verdicts of confirmations of at least these samples (at most --fresh; "
+                             f"{BEFORE}: the rule before, on the check's batches)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, required=True, help="folder for the JSON")
     return parser.parse_args(argv)
@@ -74,14 +75,19 @@ def describe(change: torch.Tensor) -> dict:
             "changes": change.tolist()}
 
 
+BEFORE = 32  # the confirmation before FRESH_TRAJECTORIES: at least 32 samples on the check's CHECK_BATCHES batches
+
+
 def fresh_sizes(args: argparse.Namespace, sizes: list[int]) -> dict[int, int]:
-    """For each confirmation size asked for (at least that many samples), how many samples it measures: whole
-    draws of the held-out batches it uses (the same split compress makes)."""
+    """For each confirmation size (at least that many samples), how many samples it measures: whole draws of the
+    fewest held-out batches that hold that many (heal_check.first_samples; the same split compress makes), or of the
+    check's batches for :data:`BEFORE`. These are the first samples of a run with a larger ``--fresh``."""
     defaults = SandwichConfig()
-    held = split_indices(args.calibration, defaults.split, defaults.held_out, args.seed)[2]
+    held = len(split_indices(args.calibration, defaults.split, defaults.held_out, args.seed)[2])
     result = {}
     for at_least in sizes:
-        drawn = min(len(held), at_least) * args.batch_size
+        batches = min(held, heal_check.CHECK_BATCHES if at_least == BEFORE else -(-at_least // args.batch_size))
+        drawn = batches * args.batch_size
         result[at_least] = drawn * trajectory_runs(drawn, at_least)
     return result
 

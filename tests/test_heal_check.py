@@ -116,12 +116,15 @@ def test_one_step_outputs_confirm_themselves_without_being_measured_twice():
 
 def test_the_confirmation_draws_twice_the_checks_samples_from_more_held_out_batches_where_there_are_more():
     """The check measures 32 trajectories at least on 8 held-out batches; the confirmation at least 64, from fresh
-    noise, on up to 64 held-out batches (a held-out set of a few batches is drawn again with other noise)."""
+    noise, on the fewest held-out batches that hold them (a held-out set of a few batches is drawn again with other
+    noise)."""
     model = make_flux(double=1, single=1)
     adapter = get_adapter(model, "flux")
     # 3 batches of 2: 6 to a draw, 6 draws for the check, 11 for the confirmation; 80 batches of 1: the check draws
-    # its 8 batches 4 times, the confirmation draws 64 batches once
-    for batches, check_samples, fresh_samples in ((flux_batches(3), 36, 66), (flux_batches(80, batch=1), 32, 64)):
+    # its 8 batches 4 times, the confirmation draws 64 batches once; 20 batches of 8: 8 batches hold 64 samples, and
+    # the confirmation measures no more than those
+    cases = ((flux_batches(3), 36, 66), (flux_batches(80, batch=1), 32, 64), (flux_batches(20, batch=8), 64, 64))
+    for batches, check_samples, fresh_samples in cases:
         with torch.no_grad():
             check = torch.cat(guard_check(model, adapter, batches)[1]())
             fresh = torch.cat(fresh_check(model, adapter, batches)())

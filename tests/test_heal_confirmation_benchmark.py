@@ -13,6 +13,10 @@ def test_a_smaller_confirmation_is_the_first_whole_draws_of_the_held_out_batches
     assert fresh_sizes(argparse.Namespace(calibration=32, batch_size=8, seed=0), [32, 64, 128]) == {32: 48, 64: 96,
                                                                                                   128: 144}
     assert fresh_sizes(argparse.Namespace(calibration=16, batch_size=4, seed=0), [32, 64]) == {32: 36, 64: 72}
+    # 100 batches of 4: 20 held out; the rule before draws the check's 8 once (32), 64 draws 16 batches, 128 all 20
+    # twice
+    assert fresh_sizes(argparse.Namespace(calibration=100, batch_size=4, seed=0), [32, 64, 128]) == {32: 32, 64: 64,
+                                                                                                   128: 160}
 
 
 def _run(folder, name, z32, z64, image_change):

@@ -23,12 +23,18 @@ from ..scoring.auto import (
     TRAJECTORY_STEPS,  # the guard's trajectory is as long as auto's plan checks
 )
 from ..scoring.guidance import Guidance
-from ..scoring.trajectory import halves, latent_check, per_sample_error, per_sample_logs
+from ..scoring.trajectory import (
+    LATENTS,
+    halves,
+    latent_check,
+    per_sample_error,
+    per_sample_logs,
+)
 from .training import autocast
 
 CHECK_BATCHES = 8  # held-out batches the guard checks on (bounds its cost)
 FRESH_SEED = 1_000_000  # the confirmation's trajectories start from noise seeded from here: none the check draws
-FRESH_TRAJECTORIES = 64  # the confirmation's samples at least, from as many held-out batches at most
+FRESH_TRAJECTORIES = 64  # the confirmation's samples at least, on the fewest held-out batches that hold them
 CONFIDENCE_Z = 1.645  # confirmed when the samples' log errors fell with a signed-rank z below minus this (one-sided 95 %)
 
 
@@ -51,12 +57,24 @@ def guard_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]],
 def fresh_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]],
                 guidance: Guidance | None = None) -> Callable[[], list[torch.Tensor]] | None:
     """The confirmation's measurement on ``model`` as it is: at least :data:`FRESH_TRAJECTORIES` trajectories from
-    noise the check never draws, on up to as many held-out batches; ``None`` for one-step outputs, which have no noise
+    noise the check never draws, on as many held-out batches as hold that many samples (all of them, drawn again with
+    other noise, where they hold fewer); ``None`` for one-step outputs, which have no noise
     to draw (the check's own samples confirm them)."""
     if adapter.flow_time_scale is None:
         return None
-    return latent_check(model, held[:FRESH_TRAJECTORIES], adapter.flow_time_scale, TRAJECTORY_STEPS, guidance,
-                        at_least=FRESH_TRAJECTORIES, first_seed=FRESH_SEED)
+    return latent_check(model, first_samples(held, FRESH_TRAJECTORIES), adapter.flow_time_scale, TRAJECTORY_STEPS,
+                        guidance, at_least=FRESH_TRAJECTORIES, first_seed=FRESH_SEED)
+
+
+def first_samples(batches: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The fewest first ``batches`` that hold ``count`` samples (rows of their latents), or all of them."""
+    total = 0
+    for index, batch in enumerate(batches):
+        latents = batch.get(LATENTS)
+        total += latents.shape[0] if isinstance(latents, torch.Tensor) else 1
+        if total >= count:
+            return batches[:index + 1]
+    return batches
 
 
 def reference_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]],
