@@ -16,7 +16,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-CONFIDENCE_Z = 1.645  # blockprune.sandwich.heal_check.CONFIDENCE_Z (kept here so that the summary needs no torch)
+from blockprune.sandwich.heal_check import CONFIDENCE_Z
 
 
 def load(folders: list[Path]) -> list[dict]:

@@ -67,11 +67,12 @@ def fresh_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]],
 
 
 def first_samples(batches: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
-    """The fewest first ``batches`` that hold ``count`` samples (rows of their latents), or all of them."""
+    """The fewest first ``batches`` that hold ``count`` samples (rows of their latents, counted as
+    :func:`latent_check` counts them), or all of them."""
     total = 0
     for index, batch in enumerate(batches):
         latents = batch.get(LATENTS)
-        total += latents.shape[0] if isinstance(latents, torch.Tensor) else 1
+        total += latents.shape[0] if isinstance(latents, torch.Tensor) else 0
         if total >= count:
             return batches[:index + 1]
     return batches
