@@ -24,7 +24,7 @@ from ..scoring.auto import (
 )
 from ..scoring.guidance import Guidance
 from ..scoring.trajectory import (
-    LATENTS,
+    batch_samples,
     halves,
     latent_check,
     per_sample_error,
@@ -58,8 +58,8 @@ def fresh_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]],
                 guidance: Guidance | None = None) -> Callable[[], list[torch.Tensor]] | None:
     """The confirmation's measurement on ``model`` as it is: at least :data:`FRESH_TRAJECTORIES` trajectories from
     noise the check never draws, on as many held-out batches as hold that many samples (all of them, drawn again with
-    other noise, where they hold fewer); ``None`` for one-step outputs, which have no noise
-    to draw (the check's own samples confirm them)."""
+    other noise, where they hold fewer); ``None`` for one-step outputs, which have no noise to draw (the check's own
+    samples confirm them)."""
     if adapter.flow_time_scale is None:
         return None
     return latent_check(model, first_samples(held, FRESH_TRAJECTORIES), adapter.flow_time_scale, TRAJECTORY_STEPS,
@@ -67,12 +67,10 @@ def fresh_check(model: nn.Module, adapter: Adapter, held: list[dict[str, Any]],
 
 
 def first_samples(batches: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
-    """The fewest first ``batches`` that hold ``count`` samples (rows of their latents, counted as
-    :func:`latent_check` counts them), or all of them."""
+    """The fewest first ``batches`` that hold ``count`` samples (:func:`batch_samples`), or all of them."""
     total = 0
     for index, batch in enumerate(batches):
-        latents = batch.get(LATENTS)
-        total += latents.shape[0] if isinstance(latents, torch.Tensor) else 0
+        total += batch_samples(batch)
         if total >= count:
             return batches[:index + 1]
     return batches

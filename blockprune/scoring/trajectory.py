@@ -102,6 +102,12 @@ class LatentCheck:
         return [self.measure_one(k) for k in range(part, self.count, 2)]
 
 
+def batch_samples(batch: Mapping[str, Any]) -> int:
+    """The samples a batch draws trajectories for: the rows of its latents (none without them)."""
+    latents = batch.get(LATENTS)
+    return latents.shape[0] if isinstance(latents, torch.Tensor) else 0
+
+
 def latent_check(model: nn.Module, batches: list[Mapping[str, Any]], time_scale: float | None,
                  steps: int, guidance: Guidance | None = None, at_least: int = MIN_TRAJECTORIES,
                  first_seed: int = 0) -> LatentCheck:
@@ -110,7 +116,7 @@ def latent_check(model: nn.Module, batches: list[Mapping[str, Any]], time_scale:
     the batches repeated with fresh noise up to ``at_least`` samples (run k's noise seeded ``first_seed + k``);
     else its one-step output."""
     if time_scale is not None:
-        drawn = sum(b[LATENTS].shape[0] for b in batches if isinstance(b.get(LATENTS), torch.Tensor))
+        drawn = sum(batch_samples(b) for b in batches)
         runs = list(enumerate(batches)) * trajectory_runs(drawn, at_least)
 
         def trajectory(k: int) -> torch.Tensor:
