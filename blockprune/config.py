@@ -92,8 +92,9 @@ class SandwichConfig:
     held_out: float = 0.2  # share of the calibration batches held out: the guard's check and the report
     eval_every: int = 10  # steps between held-out checks; the best weights seen are kept
     patience: int = 3  # checks in a row without improvement before the stage stops early
-    # global healing after the last replacement: steps at most (0: off), or "auto": AUTO_HEAL_STEPS where healing
-    # trains on the model's own trajectory (rectified-flow models without offload; measured there), else off
+    # global healing after the last replacement: steps at most (0: off; a cool-down of two check intervals follows
+    # from the best weights), or "auto": AUTO_HEAL_STEPS where healing trains on the model's own trajectory
+    # (rectified-flow models without offload; measured there), else off
     heal_steps: int | str = "auto"
     # how healing trains the kept blocks: "lora" (rank lora_rank, merged after), or "full" (every weight, in float32,
     # its gradient, AdamW's two moments and the guard's copies: about 24 bytes per parameter on top of the model)

@@ -78,6 +78,7 @@ def stages_table(plan: Plan) -> Table:
         table.caption = (f"healing: held-out output error {heal['relative_error_before']:.4g} → "
                          f"{heal['relative_error_after']:.4g}, kept step "
                          f"{_kept(heal['best_step'], heal['steps_run'])}"
+                         + (" (after its cool-down)" if heal.get("cooled") else "")
                          + _refusal(heal)
                          + ("" if heal["lr"] is None else f", rate {heal['lr']:g}")
                          + (", kept blocks trained in full" if heal.get("kept") == "full" else "")

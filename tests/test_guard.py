@@ -69,6 +69,42 @@ def test_best_weights_that_the_accept_check_refuses_give_way_to_the_start():
     assert not kept.refused and kept.best_step > 0 and float(weight[0]) < 5.0
 
 
+def test_the_cool_down_settles_best_weights_that_a_high_rate_left_bouncing():
+    weight = torch.nn.Parameter(torch.full((2,), 3.0))
+    targets = [torch.tensor([1.0, -1.0]), torch.tensor([-1.0, 1.0])]  # batches disagree; the held-out check wants 0
+
+    def run(cooldown: int) -> tuple:
+        with torch.no_grad():
+            weight.fill_(3.0)
+        settings = GuardSettings(steps=40, lr=0.5, batch_size=1, eval_every=5, patience=2, cooldown=cooldown)
+        result = guarded_training([weight], lambda i: ((weight - targets[i]) ** 2).sum(),
+                                  lambda: float((weight.detach() ** 2).sum()), 2, settings, 0, "test")
+        return result, weight.detach().clone()
+
+    plain, at_best = run(0)
+    cooled, settled = run(10)
+    assert cooled.steps_run == plain.steps_run + 10  # the cool-down follows the early stop
+    assert cooled.best_step == cooled.steps_run and cooled.cooled and not plain.cooled  # what it reached was kept:
+    assert cooled.error_after < plain.error_after / 10  # far below the best the constant high rate found
+    assert float((settled**2).sum()) == pytest.approx(cooled.error_after)
+    assert float((at_best**2).sum()) == pytest.approx(plain.error_after)
+
+
+def test_a_cool_down_that_does_not_beat_the_best_weights_leaves_them():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    settings = GuardSettings(steps=30, lr=0.05, batch_size=1, eval_every=5, patience=2, cooldown=10)
+    snapshots = {}
+
+    def held_error() -> float:  # training pulls towards 1 and passes the check's 0.2 on its way
+        snapshots[len(snapshots)] = weight.detach().clone()
+        return float(((weight.detach() - 0.2) ** 2).sum())
+
+    result = guarded_training([weight], lambda i: ((weight - 1.0) ** 2).sum(), held_error, 2, settings, 0, "test")
+    assert 0 < result.best_step < result.steps_run - 10 and not result.cooled  # the cool-down ran, and lost
+    assert result.error_after == pytest.approx(float((weight.detach() - 0.2) ** 2))  # the best weights are back,
+    assert float(weight[0]) < float(snapshots[len(snapshots) - 1][0])  # not those the cool-down reached
+
+
 @pytest.mark.parametrize("lr", ["auto", 1.0])
 def test_a_stage_never_ends_above_its_held_out_error_before(lr):
     model = make_flux(double=2, single=3)
@@ -97,6 +133,9 @@ def test_healing_never_raises_the_held_out_output_error_and_is_reported():
     assert heal["checked_on"] == "trajectory"  # FLUX is a rectified-flow model: guarded on a latent trajectory
     assert len(heal["lora_blocks"]) == 3 and len(heal["surrogates"]) == 2
     assert not any("lora" in name for name in model.state_dict())  # merged
+    assert heal["steps_run"] == 20 + 2 * 5  # the steps, then a cool-down of two check intervals from the best
+    assert heal["cooled"] == (heal["best_step"] == 30)
+    assert ("(after its cool-down)" in stages_table(plan_of(model)).caption) == heal["cooled"]
 
 
 def test_healing_resumes_from_the_workdir_bit_identical(tmp_path):

@@ -6,6 +6,10 @@ held-out error before the first step and every ``eval_every`` steps, keeps the b
 ones when training never beat them (or when the caller's ``accept`` check refuses the best). The rate follows a linear warm-up and a cosine decay; with
 ``lr="auto"`` each rate of the grid (:data:`LR_GRID` unless the caller gives another) first trains a short probe from the same start, and the rate whose
 probe reached the lowest held-out error trains on from where its probe ended.
+
+With ``cooldown`` steps (healing's, :data:`COOLDOWN_CHECKS` check intervals), the best weights, found mid-schedule
+at a high rate, then train on at a rate falling linearly from theirs to zero, and what that reaches is checked once
+more and kept if it is lower still.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from ..errors import SandwichDivergedError
 from ..runtime import distributed
 
 LR_GRID = (1e-4, 3e-4, 1e-3)  # lr="auto": the rates probed, the paper's 1e-4 first
+COOLDOWN_CHECKS = 2  # healing's cool-down from its best weights: this many check intervals (eval_every steps each)
 WARMUP_SHARE = 0.1  # of the steps, at a linearly rising rate
 FINAL_LR_SHARE = 0.1  # the cosine decays to this share of the peak rate
 Listener = Callable[[str, int, int, float], None]  # (what trains, step, steps, held-out error) after each check
@@ -53,6 +58,7 @@ class GuardSettings:
     eval_every: int
     patience: int
     grid: tuple[float, ...] = LR_GRID  # the rates lr="auto" probes
+    cooldown: int = 0  # steps from the best weights at a rate falling to zero, after the steps (0: none)
 
 
 @dataclass
@@ -66,6 +72,7 @@ class GuardResult:
     lr: float | None  # the peak rate the kept weights were trained at; None when the start was kept
     lr_errors: dict[str, float]
     refused: bool = False  # the best weights beat the start but ``accept`` refused them: the start was kept
+    cooled: bool = False  # the weights kept are those the cool-down reached
 
     @property
     def reverted(self) -> bool:
@@ -98,9 +105,14 @@ class _Trainer:
         for _ in range(steps):
             self._one_step()
 
-    def _one_step(self) -> None:
+    def cool_down(self, steps: int, rate: float) -> None:
+        """``steps`` more steps at a rate falling linearly from ``rate`` towards zero."""
+        for k in range(steps):
+            self._one_step(rate * (1 - k / steps))
+
+    def _one_step(self, rate: float | None = None) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.step, self.settings.steps, self.peak)
+            group["lr"] = learning_rate(self.step, self.settings.steps, self.peak) if rate is None else rate
         self.optimizer.zero_grad(set_to_none=False)
         for parameter in self.trainable:
             if parameter.grad is None:
@@ -177,10 +189,19 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
         else:
             stale += 1
     _load(trainable, best)
+    cooled = False
+    if settings.cooldown and best_step:
+        trainer.cool_down(settings.cooldown, learning_rate(best_step - 1, settings.steps, trainer.peak))
+        error = held_error()
+        _tell(name, trainer.step, settings.steps, error)
+        cooled = error < best_error
+        if cooled:
+            best_error, best_step, best = error, trainer.step, _snapshot(trainable)
+        _load(trainable, best)
     refused = bool(best_step) and accept is not None and not accept()
     if refused:
         _load(trainable, start)
         best_error, best_step = error_before, 0
     _tell(name, settings.steps, settings.steps, best_error)  # done (an early stop ends the bar too)
     return GuardResult(error_before, best_error, best_step, trainer.step, trainer.peak if best_step else None, lr_errors,
-                       refused)
+                       refused, cooled and not refused)

@@ -2,12 +2,14 @@
 
 Beyond the paper (PPCL and TinyFusion heal a variant). LoRA goes on every kept block (or, with
 ``heal_kept="full"``, every weight of them trains) and the surrogates train in full, against the unpruned
-model's final output on the training batches at their own noise levels.
+model's final output.
 The held-out batches guard it (:mod:`blockprune.sandwich.guard`), so healing never ends worse than it began
 by that check: for rectified-flow models the latents of a short trajectory from noise (as
 ``importance="auto"`` checks plans; one-step outputs improved while sampled images got worse), otherwise
 the one-step outputs. The error is each sample's relative error, geometric mean over samples (as ``auto``
-ranks plans, and as a mean PSNR in dB weighs samples). The best weights are chosen on that check, so their
+ranks plans, and as a mean PSNR in dB weighs samples). The best weights seen then cool down (two check intervals
+at a rate falling from theirs to zero, :data:`~blockprune.sandwich.guard.COOLDOWN_CHECKS`), and are replaced by
+what that reaches when the check is lower still. The best weights are chosen on that check, so their
 figure flatters them; they are kept only when they beat the start on each half of it and, confirmed on fresh
 noise (twice the check's trajectories, from seeds it never draws), lower the samples' log error by more than its
 noise. LoRA is merged afterwards, so inference costs nothing extra.
@@ -31,7 +33,7 @@ from ..runtime.forward import forward_batch, model_device, output_tensor, to_dev
 from ..runtime.offload import Offload
 from ..scoring.guidance import Guidance
 from .blockwise import blockwise_backward, checkpointed_blocks
-from .guard import LR_GRID, guarded_training
+from .guard import COOLDOWN_CHECKS, LR_GRID, guarded_training
 from .heal_check import HeldCheck, HeldReference, fresh_check, guard_check
 from .lora import add_lora, merge_lora, remove_lora
 from .training import autocast, guard_settings, training_attention
@@ -61,6 +63,7 @@ class HealReport:
     fresh_error_before: float = 0.0  # the confirmation on fresh noise: the start's error
     fresh_error_after: float = 0.0  # and the best healed weights' (0 when training never beat the start)
     fresh_z: float = 0.0  # their signed-rank z there against the start (confirmed below -1.645; 0: not asked)
+    cooled: bool = False  # the weights kept are those the cool-down from the best reached
 
     @property
     def reverted(self) -> bool:
@@ -111,7 +114,8 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
             model.requires_grad_(False)
             lora_blocks = _make_trainable(modules, adapter, kept, surrogates, options)
             trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-            settings = guard_settings(options, steps=options.heal_steps, grid=FULL_LR_GRID if full else LR_GRID)
+            settings = guard_settings(options, steps=options.heal_steps, grid=FULL_LR_GRID if full else LR_GRID,
+                                      cooldown=COOLDOWN_CHECKS * options.eval_every)
             with _backward_memory(offload, trainable, list(modules.values()), options, device), \
                     _float32_calls({modules[name]: before.dtypes[name] for name in full}):
                 check.measure_fresh_start()
@@ -130,7 +134,7 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
                       kind, lora_blocks, list(surrogates) if options.train_surrogates else [],
                       time.perf_counter() - started, guidance.scale if guidance and kind == "trajectory" else 1.0,
                       options.heal_kept, check.fresh_error(check.fresh_before), check.fresh_error(check.fresh_after),
-                      check.fresh_z())
+                      check.fresh_z(), result.cooled)
 
 
 class _Before:

@@ -109,8 +109,9 @@ def train_span(modules, span, inputs, targets, held_inputs, held_targets, total,
                             f"sandwich training of block {block_name}")
 
 
-def guard_settings(options: Any, steps: int | None = None, grid: tuple[float, ...] = LR_GRID) -> GuardSettings:
+def guard_settings(options: Any, steps: int | None = None, grid: tuple[float, ...] = LR_GRID,
+                   cooldown: int = 0) -> GuardSettings:
     """The guard's settings from a :class:`~blockprune.config.SandwichConfig` (``steps``: other than its own;
-    ``grid``: the rates ``lr="auto"`` probes)."""
+    ``grid``: the rates ``lr="auto"`` probes; ``cooldown``: steps of a final decay from the best weights)."""
     return GuardSettings(options.steps if steps is None else steps, options.lr, options.batch_size,
-                         options.eval_every, options.patience, grid)
+                         options.eval_every, options.patience, grid, cooldown)
