@@ -155,6 +155,6 @@ def training_bar(bars: Progress) -> Callable[[str, int, int, float], None]:
         description = f"{name}: held-out error {error:.4g}"
         if name not in tasks:
             tasks[name] = bars.add_task(description, total=steps)
-        bars.update(tasks[name], completed=step, description=description)
+        bars.update(tasks[name], completed=step, total=steps, description=description)
 
     return listen

@@ -15,6 +15,7 @@ from blockprune.sandwich.guard import (
     GuardSettings,
     guarded_training,
     learning_rate,
+    training_progress,
 )
 
 FAST = {"progress": False, "cache_dir": False, "importance": "fit_residual"}
@@ -88,6 +89,17 @@ def test_the_cool_down_settles_best_weights_that_a_high_rate_left_bouncing():
     assert cooled.error_after < plain.error_after / 10  # far below the best the constant high rate found
     assert float((settled**2).sum()) == pytest.approx(cooled.error_after)
     assert float((at_best**2).sum()) == pytest.approx(plain.error_after)
+
+
+def test_a_cool_down_past_the_steps_grows_the_progress_total_with_it():
+    weight = torch.nn.Parameter(torch.full((1,), 5.0))
+    told = []
+    settings = GuardSettings(steps=40, lr=0.05, batch_size=1, eval_every=5, patience=3, cooldown=10)
+    with training_progress(lambda name, step, steps, error: told.append((step, steps))):
+        result = guarded_training([weight], lambda i: ((weight - 1.0) ** 2).sum(),
+                                  lambda: float(((weight.detach() - 1.0) ** 2).sum()), 2, settings, 0, "test")
+    assert result.steps_run == 50 and result.cooled  # every check improved, then the cool-down ran past the 40 steps
+    assert all(step <= steps for step, steps in told) and told[-1] == (50, 50)
 
 
 def test_a_cool_down_that_does_not_beat_the_best_weights_leaves_them():

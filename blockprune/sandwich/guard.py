@@ -28,7 +28,8 @@ LR_GRID = (1e-4, 3e-4, 1e-3)  # lr="auto": the rates probed, the paper's 1e-4 fi
 COOLDOWN_CHECKS = 2  # healing's cool-down from its best weights: this many check intervals (eval_every steps each)
 WARMUP_SHARE = 0.1  # of the steps, at a linearly rising rate
 FINAL_LR_SHARE = 0.1  # the cosine decays to this share of the peak rate
-Listener = Callable[[str, int, int, float], None]  # (what trains, step, steps, held-out error) after each check
+# (what trains, step, steps, held-out error) after each check; the steps grow by a cool-down that runs past them
+Listener = Callable[[str, int, int, float], None]
 _listener: Listener | None = None
 
 
@@ -193,7 +194,7 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
     if settings.cooldown and best_step:
         trainer.cool_down(settings.cooldown, learning_rate(best_step - 1, settings.steps, trainer.peak))
         error = held_error()
-        _tell(name, trainer.step, settings.steps, error)
+        _tell(name, trainer.step, max(settings.steps, trainer.step), error)
         cooled = error < best_error
         if cooled:
             best_error, best_step, best = error, trainer.step, _snapshot(trainable)
@@ -202,6 +203,7 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
     if refused:
         _load(trainable, start)
         best_error, best_step = error_before, 0
-    _tell(name, settings.steps, settings.steps, best_error)  # done (an early stop ends the bar too)
+    end = max(settings.steps, trainer.step)  # a cool-down can run past the steps
+    _tell(name, end, end, best_error)  # done (an early stop ends the bar too)
     return GuardResult(error_before, best_error, best_step, trainer.step, trainer.peak if best_step else None, lr_errors,
                        refused, cooled and not refused)
