@@ -10,7 +10,7 @@ statistic the guard uses, the share of samples that improved, the changes' skew 
 prompts and noise as healing.py): each prompt's change of teacher PSNR, its mean and standard error. ``--fresh N``
 draws the confirmation's samples for at least N (the library's ``FRESH_TRAJECTORIES`` by default); its trajectories
 nest, so the verdict a smaller confirmation (``--sizes``) would have given is the same run's first samples. CPU or GPU,
-one run per call; the JSON holds the per-sample changes. A table is printed last.
+one run per call; the JSON holds the per-sample changes and the rates healing probed. A table is printed last.
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
         heal = blockprune.plan(model).heal
     prompt_change = psnr(images["heal"], setting.teacher) - psnr(images["ST"], setting.teacher)
     result = {"model": args.model, "seed": args.seed, "ratio": args.ratio, "heal_steps": args.heal_steps,
-              "best_step": heal["best_step"], "steps_run": heal["steps_run"],
+              "best_step": heal["best_step"], "steps_run": heal["steps_run"], "lr": heal["lr"],
+              "lr_errors": heal["lr_errors"], "error_before": heal["relative_error_before"], "cooled": heal["cooled"],
               "confirmed": verdicts[-1][2] if verdicts else None,
               "fresh": describe(verdicts[-1][0] - verdicts[-1][1]) if verdicts else None,
               "fresh_by_size": ({str(a): describe((verdicts[-1][0] - verdicts[-1][1])[:n])
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     for at_least, d in (result["fresh_by_size"] or {}).items():
         print(f"confirmation of at least {at_least:>4} samples: n {d['n']:>4}, rank z {d['signed_rank_z']:>6.2f}: "
               f"{'kept' if d['signed_rank_z'] < -heal_check.CONFIDENCE_Z else 'refused'}")
+    print(f"rates probed {result['lr_errors']}, start {result['error_before']:.4f}, kept {result['lr']}")
     print(f"kept step {result['best_step']}/{result['steps_run']}; the guard would have "
           f"{'kept' if result['confirmed'] else 'refused'} it; image PSNR {result['psnr_change']['mean']:+.2f} dB")
     return result
