@@ -49,6 +49,11 @@ VARIANTS = {  # label -> (sandwich, options)
     "ST new + heal 100 calibration": (True, {"heal_steps": 100, "heal_states": "calibration"}),
     "ST new + heal 300 calibration": (True, {"heal_steps": 300, "heal_states": "calibration"}),
     "ST new + heal 300 full": (True, {"heal_steps": 300, "heal_kept": "full"}),
+    # how far sandwich training can go: more steps, an early stop only after many checks without improvement
+    "ST 100 steps, patience 10": (True, {"heal_steps": 0, "sandwich_patience": 10}),
+    "ST 300 steps": (True, {"heal_steps": 0, "sandwich_steps": 300, "sandwich_patience": 20}),
+    "ST 1000 steps": (True, {"heal_steps": 0, "sandwich_steps": 1000, "sandwich_patience": 20}),
+    "ST 1000 steps + heal 100": (True, {"heal_steps": 100, "sandwich_steps": 1000, "sandwich_patience": 20}),
 }
 
 
