@@ -46,7 +46,7 @@ def training_progress(listener: Listener) -> Iterator[None]:
 
 def _tell(name: str, step: int, steps: int, error: float) -> None:
     if _listener is not None:
-        _listener(name, step, steps, error)
+        _listener(name, step, max(steps, step), error)  # a cool-down runs past the steps: the total grows with it
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
     if settings.cooldown and best_step:
         trainer.cool_down(settings.cooldown, learning_rate(best_step - 1, settings.steps, trainer.peak))
         error = held_error()
-        _tell(name, trainer.step, max(settings.steps, trainer.step), error)
+        _tell(name, trainer.step, settings.steps, error)
         cooled = error < best_error
         if cooled:
             best_error, best_step, best = error, trainer.step, _snapshot(trainable)
@@ -203,7 +203,6 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
     if refused:
         _load(trainable, start)
         best_error, best_step = error_before, 0
-    end = max(settings.steps, trainer.step)  # a cool-down can run past the steps
-    _tell(name, end, end, best_error)  # done (an early stop ends the bar too)
+    _tell(name, max(settings.steps, trainer.step), settings.steps, best_error)  # done (an early stop ends the bar too)
     return GuardResult(error_before, best_error, best_step, trainer.step, trainer.peak if best_step else None, lr_errors,
                        refused, cooled and not refused)
