@@ -36,11 +36,15 @@ from blockprune.toy import (
 )
 
 # the sandwich rows without healing, which compress's heal_steps="auto" would run on these rectified-flow models
-OLD = {"sandwich_lr": 1e-4, "sandwich_split": 0.5, "sandwich_held_out": 0.2, "heal_steps": 0}  # ~ the old 0.25 of the half
+OLD = {"sandwich_lr": 1e-4, "sandwich_split": 0.5, "sandwich_held_out": 0.2, "heal_steps": 0,  # ~ the old 0.25 of the half
+       "sandwich_steps": 100, "sandwich_eval_every": 10}
+SHORT = {"sandwich_steps": 100, "sandwich_eval_every": 10}  # the defaults before 2026-12-07: 100 steps, a check every 10
 VARIANTS = {  # label -> (sandwich, options)
     "LS only": (False, {}),
     "ST old defaults": (True, OLD),
     "ST new defaults": (True, {"heal_steps": 0}),
+    "ST 100 steps": (True, {"heal_steps": 0, **SHORT}),
+    "ST 100 steps + heal 100": (True, {"heal_steps": 100, **SHORT}),
     "ST new + heal 100": (True, {"heal_steps": 100}),
     "ST new + heal 300": (True, {"heal_steps": 300}),
     "ST new + heal 100 full": (True, {"heal_steps": 100, "heal_kept": "full"}),  # every kept weight, not LoRA
@@ -50,10 +54,11 @@ VARIANTS = {  # label -> (sandwich, options)
     "ST new + heal 300 calibration": (True, {"heal_steps": 300, "heal_states": "calibration"}),
     "ST new + heal 300 full": (True, {"heal_steps": 300, "heal_kept": "full"}),
     # how far sandwich training can go: more steps, an early stop only after many checks without improvement
-    "ST 100 steps, patience 10": (True, {"heal_steps": 0, "sandwich_patience": 10}),
-    "ST 300 steps": (True, {"heal_steps": 0, "sandwich_steps": 300, "sandwich_patience": 20}),
-    "ST 1000 steps": (True, {"heal_steps": 0, "sandwich_steps": 1000, "sandwich_patience": 20}),
-    "ST 1000 steps + heal 100": (True, {"heal_steps": 100, "sandwich_steps": 1000, "sandwich_patience": 20}),
+    "ST 100 steps, patience 10": (True, {"heal_steps": 0, "sandwich_patience": 10, **SHORT}),
+    "ST 300 steps": (True, {"heal_steps": 0, "sandwich_steps": 300, "sandwich_patience": 20, "sandwich_eval_every": 10}),
+    "ST 1000 steps": (True, {"heal_steps": 0, "sandwich_steps": 1000, "sandwich_patience": 20, "sandwich_eval_every": 10}),
+    "ST 1000 steps + heal 100": (True, {"heal_steps": 100, "sandwich_steps": 1000, "sandwich_patience": 20,
+                                        "sandwich_eval_every": 10}),
 }
 
 
@@ -105,12 +110,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         order = chosen_blocks(pipe, ratio, common, args.blocks_from)
         for label in args.variants:
             sandwich, options = VARIANTS[label]
-            if args.quick and "heal_steps" in options:
+            if args.quick and options.get("heal_steps"):  # 0 stays off
                 options = {**options, "heal_steps": 3}
             model = copy.deepcopy(pipe)
             started = time.perf_counter()
             blockprune.compress(model, ratio=ratio, order=order, sandwich=sandwich, **common,
-                                **(extra if sandwich else {}), **options)
+                                **{**options, **(extra if sandwich else {})})  # --quick's counts win
             seconds = time.perf_counter() - started
             plan = blockprune.plan(model)
             row = {"model": args.model, "seed": args.seed, "ratio": ratio, "label": label, "compress_s": seconds,

@@ -85,17 +85,16 @@ class SandwichConfig:
     """How each sandwich stage trains; passed to ``compress`` as ``sandwich_<field>`` (``lora_*`` as is)."""
 
     width: int = 3  # 1: linear layers alone; 3: + nearest unreplaced neighbours (paper); 5: two per side
-    steps: int = 100  # optimizer steps per stage at most (the held-out guard may stop it earlier)
+    steps: int = 1000  # optimizer steps per stage at most (the held-out guard may stop it earlier)
     lr: float | str = "auto"  # AdamW peak rate, or "auto": the best of a short probe of each rate in LR_GRID
     batch_size: int = 1  # calibration batches per optimizer step (gradients accumulated)
     split: float = 1.0  # share of the batches not held out that train; the least squares fit on all of them
     held_out: float = 0.2  # share of the calibration batches held out: the guard's check and the report
-    eval_every: int = 10  # steps between held-out checks; the best weights seen are kept
+    eval_every: int | str = "auto"  # steps between held-out checks, or "auto" (guard.check_interval); best weights kept
     patience: int = 3  # checks in a row without improvement before the stage stops early
-    # global healing after the last replacement: steps at most (0: off; a cool-down of two check intervals follows
-    # from the best weights), or "auto": AUTO_HEAL_STEPS where healing trains on the model's own trajectory
-    # (rectified-flow models without offload; measured there), else off
-    heal_steps: int | str = "auto"
+    # global healing after the last stage: steps at most, then a cool-down of two check intervals (0: off, the default:
+    # docs/results.md), or "auto": AUTO_HEAL_STEPS where it trains on the model's own trajectory, else off
+    heal_steps: int | str = 0
     # how healing trains the kept blocks: "lora" (rank lora_rank, merged after), or "full" (every weight, in float32,
     # its gradient, AdamW's two moments and the guard's copies: about 24 bytes per parameter on top of the model)
     heal_kept: str = "lora"
@@ -114,8 +113,10 @@ class SandwichConfig:
     def __post_init__(self) -> None:
         if self.width not in WIDTHS:
             raise BlockpruneError(f"sandwich_width must be 1, 3 or 5, got {self.width!r}")
-        for name in ("steps", "batch_size", "lora_rank", "eval_every", "patience"):
+        for name in ("steps", "batch_size", "lora_rank", "patience"):
             positive_int(_sandwich_option(name), getattr(self, name))
+        if self.eval_every != "auto":
+            positive_int(_sandwich_option("eval_every"), self.eval_every)
         steps = self.heal_steps
         if steps != "auto" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
             raise BlockpruneError(f"heal_steps must be 'auto' or an integer ≥ 0 (0 turns healing off), got {steps!r}")

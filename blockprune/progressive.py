@@ -31,6 +31,7 @@ from .sandwich.heal import heal, reference_outputs
 from .sandwich.heal_check import HeldReference, reference_check
 from .sandwich.heal_states import resolve_heal_states, trajectory_training_data
 from .sandwich.reuse import components_to_tensors, tensors_to_components
+from .sandwich.span import free_outputs
 from .sandwich.stage import span_capture
 from .scoring.auto import AUTO, TRAJECTORY_STEPS, auto_select
 from .scoring.selection import ImportanceTable, score_run
@@ -223,8 +224,9 @@ class Progressive:
         self._keep_original([name])
         home = model_device(model.get_submodule(name))
         folder = self.workdir.activations(step) if self.workdir is not None and self.sandwich is not None else None
+        free = frozenset(free_outputs(s.span for s in self.plan.stages if s.best_step))  # trained stages only
         capture = None if self.sandwich is None else span_capture(self.run.blocks, self.replaced, name, self.train,
-                                                                  self.least_squares, self.sandwich, folder)
+                                                                  self.least_squares, self.sandwich, folder, free)
         try:
             with self._timed("least_squares"), numbered_as(self.least_squares_indices), riding(capture):
                 entry = replace_block(model, self.by_name[name], self.least_squares, config.ridge,
@@ -242,7 +244,7 @@ class Progressive:
                     report, trained, lora = train_stage(model, self.run.adapter, self.run.blocks, self.replaced, name,
                                                       self.train, self.held, self.originals, self.sandwich,
                                                       self.seed + step, folder, self.keep_activations,
-                                                      self.run.offload, capture)
+                                                      self.run.offload, capture, free)
             except BaseException:
                 model.set_submodule(name, copy.deepcopy(self.originals[name]).to(home))
                 self.replaced.discard(name)

@@ -77,8 +77,9 @@ def warn_unused_in_compress(given: Iterable[str], settings: CompressConfig, *, s
     if not (auto or (sandwich and settings.sandwich.heal_steps != 0)):
         reasons.setdefault("guidance_scale", "it guides the checks of importance='auto' and of healing, and neither runs")
     if sandwich and settings.sandwich.heal_steps == 0:
-        reasons.setdefault("heal_kept", "heal_steps=0: no healing runs")
-        reasons.setdefault("heal_states", "heal_steps=0: no healing runs")
+        why = "heal_steps=0 (the default): no healing runs; pass heal_steps=100 (or 'auto') to heal"
+        reasons.setdefault("heal_kept", why)
+        reasons.setdefault("heal_states", why)
     if not trainable:
         reasons.setdefault("sandwich_train_surrogates", f"surrogate={settings.surrogate!r} has no trainable maps")
     reasons.update({n: why for n, why in _recording_reason(recording).items() if n not in reasons})

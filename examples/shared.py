@@ -69,9 +69,10 @@ def parser_for(family: Family) -> argparse.ArgumentParser:
                         help="sandwich training after each replacement (default on)")
     parser.add_argument("--sandwich-steps", type=int, default=SandwichConfig().steps,
                         help=f"optimizer steps per sandwich stage (default {SandwichConfig().steps})")
-    parser.add_argument("--heal-steps", default="auto", type=lambda text: text if text == "auto" else int(text),
-                        help="global healing after the last stage, steps at most; 0 turns it off (default auto: 100 "
-                             "on rectified-flow models such as FLUX and SD3)")
+    parser.add_argument("--heal-steps", default=SandwichConfig().heal_steps,
+                        type=lambda text: text if text == "auto" else int(text),
+                        help=f"global healing after the last stage, steps at most, or auto: 100 on rectified-flow "
+                             f"models such as FLUX and SD3 (default {SandwichConfig().heal_steps}: off)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the grid images (default 0 1)")
     parser.add_argument("--grid-prompts", type=int, default=2, help="prompts in the grid (default 2, from the calibration prompts)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps of the grid images (default 28)")

@@ -12,7 +12,8 @@ from blockprune.toy.grid import LABEL_WIDTH
 
 
 def test_demo_compresses_the_trained_model_and_writes_a_grid(tmp_path, capsys):
-    result = demo(ratio=0.1, output=tmp_path / "out", num_prompts=8, heal_steps=0)  # healing: tests of its own
+    # healing and the sandwich's default length: tests of their own
+    result = demo(ratio=0.1, output=tmp_path / "out", num_prompts=8, heal_steps=0, sandwich_steps=100)
     out = capsys.readouterr().out
     assert "blockprune plan: 2 of 20 blocks replaced (flux)" in out
     assert "attribute accuracy" in out and "PSNR" in out
@@ -28,12 +29,15 @@ def test_demo_compresses_the_trained_model_and_writes_a_grid(tmp_path, capsys):
         assert grid.size[1] > 2 * (32 * 4 + 2)  # two rows below a header of prompts
     loaded = from_pretrained(tmp_path / "out" / "transformer")
     assert len(plan(loaded).replaced) == 2 and not plan(loaded).heal  # heal_steps=0 reached compress
+    assert plan(loaded).config["sandwich"]["steps"] == 100  # and sandwich_steps
 
 
-def test_demo_command_line_takes_the_healing_steps():
+def test_demo_command_line_takes_the_healing_and_sandwich_steps():
     parser = build_parser(["demo"])
-    assert parser.parse_args(["demo"]).heal_steps == "auto"
+    assert parser.parse_args(["demo"]).heal_steps == 0  # compress's default: no healing
     assert parser.parse_args(["demo", "--heal-steps", "0"]).heal_steps == 0
+    assert parser.parse_args(["demo"]).sandwich_steps is None  # compress's default
+    assert parser.parse_args(["demo", "--sandwich-steps", "100"]).sandwich_steps == 100
 
 
 def test_demo_command_line_refuses_a_folder_in_use(tmp_path, capsys):

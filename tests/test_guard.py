@@ -8,15 +8,18 @@ from conftest import cast_batch, flux_batches, make_flux
 from rich.console import Console
 
 import blockprune
+from blockprune.config import SandwichConfig
 from blockprune.plan import plan as plan_of
 from blockprune.report import stages_table
 from blockprune.sandwich.guard import (
     LR_GRID,
     GuardSettings,
+    check_interval,
     guarded_training,
     learning_rate,
     training_progress,
 )
+from blockprune.sandwich.training import guard_settings
 
 FAST = {"progress": False, "cache_dir": False, "importance": "fit_residual"}
 
@@ -170,6 +173,22 @@ def test_bad_guard_options_are_refused():
         blockprune.compress(make_flux(), calibration=flux_batches(4), sandwich_lr="fast", **FAST)
     with pytest.raises(blockprune.BlockpruneError, match=r"sandwich_split must be in \(0, 1\]"):
         blockprune.compress(make_flux(), calibration=flux_batches(4), sandwich_split=1.5, **FAST)
+    with pytest.raises(blockprune.BlockpruneError, match="sandwich_eval_every must be a positive integer"):
+        blockprune.compress(make_flux(), calibration=flux_batches(4), sandwich_eval_every="often", **FAST)
+
+
+def test_auto_checks_a_twentieth_of_the_steps_but_no_more_often_than_every_ten():
+    assert check_interval("auto", 1000) == 50 and check_interval("auto", 300) == 15
+    assert check_interval("auto", 100) == 10 and check_interval("auto", 20) == 10  # healing's 100 steps: as before
+    assert check_interval(7, 1000) == 7  # a number is taken as given
+    weight = torch.nn.Parameter(torch.full((3,), 5.0))
+    checked = []
+    settings = guard_settings(SandwichConfig(steps=400, lr=0.01, patience=1000), cooldown_checks=2)
+    with training_progress(lambda name, step, steps, error: checked.append(step)):
+        result = guarded_training([weight], lambda i: ((weight - 1.0) ** 2).sum(),
+                                  lambda: float(((weight - 1.0) ** 2).sum()), 4, settings, 0, "test")
+    assert settings.eval_every == 20 and settings.cooldown == 40  # the cool-down: two check intervals
+    assert checked[:21] == list(range(0, 401, 20)) and result.steps_run == 440  # then the cool-down's check
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -284,7 +284,7 @@ def test_the_warnings_are_public_names():
 def test_options_that_are_used_or_left_at_their_default_are_not_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnusedOptionWarning)
-        blockprune.compress(make_flux(), ratio=0.25, calibration=flux_batches(3), sandwich=False, sandwich_steps=100,
+        blockprune.compress(make_flux(), ratio=0.25, calibration=flux_batches(3), sandwich=False, sandwich_steps=1000,
                             keep_activations=False, ridge=1e-5, **FAST)
         blockprune.compress(make_flux(), ratio=0.25, calibration=flux_batches(3), sandwich_steps=1, lora_rank=2,
                             ablation="replace", heal_steps=0, **FAST)

@@ -11,6 +11,7 @@ import blockprune
 from blockprune.errors import BlockpruneError, SandwichDivergedError
 from blockprune.runtime.forward import output_tensor
 from blockprune.sandwich import sandwich_span
+from blockprune.sandwich.span import free_outputs
 
 NAMES = [f"b{i}" for i in range(8)]
 TRAIN = {"sandwich_steps": 25, "sandwich_lr": 3e-3, "heal_steps": 0, "progress": False, "cache_dir": False}
@@ -29,6 +30,40 @@ TRAIN = {"sandwich_steps": 25, "sandwich_lr": 3e-3, "heal_steps": 0, "progress":
 )
 def test_span(replaced, index, width, span):
     assert sandwich_span(NAMES, replaced, index, width) == span
+
+
+@pytest.mark.parametrize(
+    "replaced, index, free, span",
+    [
+        # b4's stage trained b3 to serve b5: b2's span ends where b4's did, not at b3
+        ({"b4", "b2"}, 2, {"b3", "b4"}, ["b1", "b2", "b3", "b4", "b5"]),
+        ({"b4", "b2"}, 2, {"b3", "b4", "b5", "b6"}, ["b1", "b2", "b3", "b4", "b5", "b6", "b7"]),  # to the first anchored
+        ({"b6"}, 6, {"b7"}, ["b5", "b6", "b7"]),  # the end of the stack
+        ({"b2"}, 2, {"b1", "b0"}, ["b1", "b2", "b3"]),  # free blocks before the span change nothing
+    ],
+)
+def test_a_span_ending_at_a_free_output_runs_on_to_an_anchored_one(replaced, index, free, span):
+    assert sandwich_span(NAMES, replaced, index, 3, free) == span
+
+
+def test_free_outputs_are_every_block_of_a_trained_span_but_its_last():
+    assert free_outputs([["b3", "b4", "b5"]]) == {"b3", "b4"}
+    assert free_outputs([["b3", "b4", "b5"], ["b1", "b2", "b3", "b4", "b5"]]) == {"b1", "b2", "b3", "b4"}
+    assert free_outputs([["b3", "b4", "b5"], ["b5", "b6", "b7"]]) == {"b3", "b4", "b5", "b6"}  # b5 trained again
+    assert free_outputs([["b1", "b2", "b3"], ["b0", "b1"]]) == {"b0", "b2"}  # b1 trained towards the unpruned again
+
+
+def test_a_stage_whose_neighbour_an_earlier_stage_trained_for_later_blocks_trains_to_where_that_stage_ended():
+    # stage 1 trains single_transformer_blocks.0 (LoRA) to serve .2 through the linear .1; stage 2's paper span
+    # would end at .0 and pull it back towards the unpruned block, undoing that: it ends at .2 instead
+    order = ["single_transformer_blocks.1", "transformer_blocks.1"]
+    model = make_flux(double=2, single=4)
+    blockprune.compress(model, ratio=0.3, calibration=flux_batches(8), order=order, **TRAIN)
+    first, second = blockprune.plan(model).stages
+    assert first.best_step > 0 and first.span == [f"single_transformer_blocks.{i}" for i in range(3)]
+    assert second.span == ["transformer_blocks.0", "transformer_blocks.1", *first.span]
+    assert second.lora_blocks == ["transformer_blocks.0", "single_transformer_blocks.0", "single_transformer_blocks.2"]
+    assert second.trained_surrogates == ["transformer_blocks.1", "single_transformer_blocks.1"]
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -64,8 +64,8 @@ def test_a_run_killed_while_healing_resumes_to_the_same_model(tmp_path):
                   torch.load(tmp_path / "healed.pt", weights_only=True))
 
 
-def _compress(workdir, **kwargs):
-    model = make_flux(double=2, single=2)
+def _compress(workdir, single=2, **kwargs):
+    model = make_flux(double=2, single=single)
     blockprune.compress(model, calibration=flux_batches(8), workdir=workdir, **{**OPTIONS, **kwargs})
     return model
 
@@ -103,8 +103,12 @@ def test_a_different_call_is_refused(tmp_path):
         _compress(tmp_path / "other")
 
 
-def test_ctrl_c_stops_after_the_stage_and_says_how_to_resume(tmp_path, monkeypatch):
-    reference = _compress(tmp_path / "reference")
+# the second layout's second span runs on past the output its first stage left free (test_sandwich.py)
+@pytest.mark.parametrize("layout, second_span", [
+    ({}, 3), ({"single": 4, "ratio": 0.3, "order": ["single_transformer_blocks.1", "transformer_blocks.1"]}, 5)])
+def test_ctrl_c_stops_after_the_stage_and_says_how_to_resume(layout, second_span, tmp_path, monkeypatch):
+    reference = _compress(tmp_path / "reference", **layout)
+    assert len(blockprune.plan(reference).stages[1].span) == second_span
     original = blockprune.sandwich.stage.train_span
     calls = {"n": 0}
 
@@ -115,12 +119,12 @@ def test_ctrl_c_stops_after_the_stage_and_says_how_to_resume(tmp_path, monkeypat
         return original(*args, **kwargs)
 
     monkeypatch.setattr(blockprune.sandwich.stage, "train_span", train_then_interrupt)
-    model = make_flux(double=2, single=2)
     with pytest.raises(CompressionInterrupted, match=r"after stage 1 of 2; run the same call again with workdir="):
-        blockprune.compress(model, calibration=flux_batches(8), workdir=tmp_path / "w", **OPTIONS)
-    assert blockprune.plan(model).replaced_names == blockprune.plan(reference).replaced_names[:1]
+        _compress(tmp_path / "w", **layout)
     monkeypatch.setattr(blockprune.sandwich.stage, "train_span", original)
-    assert _equal(_compress(tmp_path / "w").state_dict(), reference.state_dict())
+    resumed = _compress(tmp_path / "w", **layout)
+    assert [s.span for s in blockprune.plan(resumed).stages] == [s.span for s in blockprune.plan(reference).stages]
+    assert _equal(resumed.state_dict(), reference.state_dict())
 
 
 def test_disk_use_is_reported_and_activation_shards_are_deleted_unless_kept(tmp_path):

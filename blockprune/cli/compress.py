@@ -36,7 +36,8 @@ SANDWICH_HELP = {
     "batch_size": "calibration batches per optimizer step",
     "split": "share of the batches not held out that train (the least squares fit on all of them)",
     "held_out": "share of the calibration batches held out: the guard's check and the before/after report",
-    "eval_every": "steps between held-out checks; the best weights seen are kept",
+    "eval_every": "steps between held-out checks (the best weights seen are kept), or auto: a twentieth of the steps, "
+                  "at least 10",
     "patience": "checks in a row without improvement before a stage stops early",
     "heal_steps": "global healing after the last stage, steps at most (0: off), or auto: 100 where it trains on the "
                   "model's own trajectory (rectified-flow models without offload), else off",
@@ -75,7 +76,7 @@ def add_sandwich_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=name, nargs="+", metavar="NAME", help=text)
         elif field.name == "lr":
             group.add_argument(flag, dest=name, type=auto_or(float, "a number"), metavar="X", help=text)
-        elif field.name == "heal_steps":
+        elif field.name in ("heal_steps", "eval_every"):
             group.add_argument(flag, dest=name, type=auto_or(int, "a whole number"), metavar="N", help=text)
         else:
             group.add_argument(flag, dest=name, type=type(default), metavar="N" if isinstance(default, int) else "X",

@@ -38,9 +38,11 @@ def add_parser(commands: argparse._SubParsersAction, parents: list[argparse.Argu
     parser.add_argument("--prompts", action=RenamedFlag, new="--num-prompts N",
                         note="a count; --prompts FILE names a prompts file in compress, importance and calibrate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration data, prompts and noise (default 0)")
-    parser.add_argument("--heal-steps", dest="heal_steps", type=auto_or(int, "a whole number"), default="auto",
-                        metavar="N", help="global healing's steps at most (default auto: 100 on these rectified-flow "
-                                          "models; 0: none, a faster run)")
+    parser.add_argument("--heal-steps", dest="heal_steps", type=auto_or(int, "a whole number"), default=0,
+                        metavar="N", help="global healing's steps at most (default 0, as compress: none; auto: 100 on "
+                                          "these rectified-flow models)")
+    parser.add_argument("--sandwich-steps", dest="sandwich_steps", type=int, default=None, metavar="N",
+                        help="sandwich training's steps per stage at most (default compress's, 1000; 100: a faster run)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     parser.set_defaults(run=run)
 
@@ -51,5 +53,5 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_folder(args.output, args.overwrite)
     demo(ratio=args.ratio, output=args.output, seed=args.seed, model=args.model, num_prompts=args.num_prompts,
-         progress=args.progress, heal_steps=args.heal_steps)
+         progress=args.progress, heal_steps=args.heal_steps, sandwich_steps=args.sandwich_steps)
     return 0

@@ -25,6 +25,8 @@ from ..errors import SandwichDivergedError
 from ..runtime import distributed
 
 LR_GRID = (1e-4, 3e-4, 1e-3)  # lr="auto": the rates probed, the paper's 1e-4 first
+AUTO_CHECKS = 20  # eval_every="auto": a check every this share of the steps ...
+AUTO_MIN_INTERVAL = 10  # ... but no more often than every this many steps
 COOLDOWN_CHECKS = 2  # healing's cool-down from its best weights: this many check intervals (eval_every steps each)
 WARMUP_SHARE = 0.1  # of the steps, at a linearly rising rate
 FINAL_LR_SHARE = 0.1  # the cosine decays to this share of the peak rate
@@ -79,6 +81,13 @@ class GuardResult:
     def reverted(self) -> bool:
         """Whether training never beat the starting weights, which were therefore kept."""
         return self.best_step == 0
+
+
+def check_interval(eval_every: int | str, steps: int) -> int:
+    """Steps between held-out checks: ``eval_every``, or for ``"auto"`` a twentieth of ``steps``, at least 10 (a
+    check passes over every held-out batch, which costs more than a few steps of training; with fewer steps the
+    best weights want finer checks)."""
+    return max(AUTO_MIN_INTERVAL, steps // AUTO_CHECKS) if eval_every == "auto" else eval_every
 
 
 def learning_rate(step: int, steps: int, peak: float) -> float:

@@ -115,7 +115,7 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
             lora_blocks = _make_trainable(modules, adapter, kept, surrogates, options)
             trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
             settings = guard_settings(options, steps=options.heal_steps, grid=FULL_LR_GRID if full else LR_GRID,
-                                      cooldown=COOLDOWN_CHECKS * options.eval_every)
+                                      cooldown_checks=COOLDOWN_CHECKS)
             with _backward_memory(offload, trainable, list(modules.values()), options, device), \
                     _float32_calls({modules[name]: before.dtypes[name] for name in full}):
                 check.measure_fresh_start()

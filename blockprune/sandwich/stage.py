@@ -63,6 +63,7 @@ def train_stage(
     keep_spilled: bool = False,
     offload: Any = None,
     recorded: SpanCapture | None = None,
+    free: frozenset[str] = frozenset(),
 ) -> tuple[StageReport, dict[str, Any], dict[str, Any]]:
     """Train the sandwich around ``new_block`` (already replaced) and merge the result into ``model``.
 
@@ -73,20 +74,21 @@ def train_stage(
     with the lowest held-out error seen, its starting ones included. On any error (a NaN or Inf loss raises
     :class:`~blockprune.errors.SandwichDivergedError`) the span is put back as it was before the stage. With ``offload`` (an :class:`blockprune.runtime.offload.Offload`) only the span stays on the accelerator.
     ``recorded``, from :func:`span_capture`, holds the training batches' span samples if the least-squares pass
-    recorded them along the way (checked on the first batch against the model as it is now).
+    recorded them along the way (checked on the first batch against the model as it is now). ``free``: the blocks
+    whose outputs earlier stages left free (:func:`~blockprune.sandwich.span.free_outputs`), which the span runs past.
     """
     if offload is None:
         return _train_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals,
-                            options, seed, spill_folder, keep_spilled, recorded)
+                            options, seed, spill_folder, keep_spilled, recorded, free)
     names = [b.name for b in blocks]
-    with offload.pinned(sandwich_span(names, replaced, names.index(new_block), options.width)):
+    with offload.pinned(sandwich_span(names, replaced, names.index(new_block), options.width, free)):
         return _train_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals,
-                            options, seed, spill_folder, keep_spilled, recorded)
+                            options, seed, spill_folder, keep_spilled, recorded, free)
 
 
 def span_capture(blocks: list[Block], replaced: set[str], new_block: str, train_batches: list[dict[str, Any]],
                  least_squares_batches: list[dict[str, Any]], options: SandwichConfig,
-                 spill_folder: Path | None = None) -> SpanCapture | None:
+                 spill_folder: Path | None = None, free: frozenset[str] = frozenset()) -> SpanCapture | None:
     """What records the training batches' span samples while the least squares of ``new_block`` are recorded (both
     need the same forwards as far as ``new_block``, which the replacement does not change), for :func:`train_stage`;
     ``None`` unless the training batches are the least-squares batches, as by default (``sandwich_split=1``)."""
@@ -94,15 +96,16 @@ def span_capture(blocks: list[Block], replaced: set[str], new_block: str, train_
             a is not b for a, b in zip(train_batches, least_squares_batches)):
         return None
     names, by_name = [b.name for b in blocks], {b.name: b for b in blocks}
-    span = [by_name[n] for n in sandwich_span(names, replaced | {new_block}, names.index(new_block), options.width)]
+    span = [by_name[n] for n in sandwich_span(names, replaced | {new_block}, names.index(new_block), options.width,
+                                              free)]
     return SpanCapture(span, least_squares_batches, ActivationStore(options.activation_budget, spill_folder))
 
 
 def _train_stage(model, adapter, blocks, replaced, new_block, train_batches, held_batches, originals, options, seed,
-                 spill_folder, keep_spilled, recorded):
+                 spill_folder, keep_spilled, recorded, free):
     started = time.perf_counter()
     device = model_device(model)
-    span = _open_span(model, blocks, replaced, new_block, originals, options.width)
+    span = _open_span(model, blocks, replaced, new_block, originals, options.width, free)
     total_train = len(train_batches)
     stores = _record(model, span, originals, distributed.shard(train_batches), distributed.shard(held_batches),
                      options, device, spill_folder, recorded)
@@ -130,10 +133,10 @@ def _train_stage(model, adapter, blocks, replaced, new_block, train_batches, hel
     return report, trained, lora
 
 
-def _open_span(model, blocks, replaced, new_block, originals, width) -> _Span:
+def _open_span(model, blocks, replaced, new_block, originals, width, free) -> _Span:
     """The span around ``new_block``, after keeping CPU copies of its blocks in ``originals`` (where missing)."""
     names = [b.name for b in blocks]
-    span_names = sandwich_span(names, replaced, names.index(new_block), width)
+    span_names = sandwich_span(names, replaced, names.index(new_block), width, free)
     by_name = {b.name: b for b in blocks}
     modules = [model.get_submodule(n) for n in span_names]
     for name, module in zip(span_names, modules):

@@ -18,7 +18,7 @@ from ..discovery.spec import Block
 from ..runtime import distributed
 from ..runtime.forward import to_device
 from .data import ActivationStore, SpanSample
-from .guard import LR_GRID, GuardResult, GuardSettings, guarded_training
+from .guard import LR_GRID, GuardResult, GuardSettings, check_interval, guarded_training
 
 
 def _call(module: nn.Module, arguments: dict[str, Any], use_checkpoint: bool) -> Any:
@@ -110,8 +110,11 @@ def train_span(modules, span, inputs, targets, held_inputs, held_targets, total,
 
 
 def guard_settings(options: Any, steps: int | None = None, grid: tuple[float, ...] = LR_GRID,
-                   cooldown: int = 0) -> GuardSettings:
+                   cooldown_checks: int = 0) -> GuardSettings:
     """The guard's settings from a :class:`~blockprune.config.SandwichConfig` (``steps``: other than its own;
-    ``grid``: the rates ``lr="auto"`` probes; ``cooldown``: steps of a final decay from the best weights)."""
-    return GuardSettings(options.steps if steps is None else steps, options.lr, options.batch_size,
-                         options.eval_every, options.patience, grid, cooldown)
+    ``grid``: the rates ``lr="auto"`` probes; ``cooldown_checks``: check intervals of a final decay from the best
+    weights)."""
+    steps = options.steps if steps is None else steps
+    interval = check_interval(options.eval_every, steps)
+    return GuardSettings(steps, options.lr, options.batch_size, interval, options.patience, grid,
+                         cooldown_checks * interval)
