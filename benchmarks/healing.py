@@ -35,10 +35,11 @@ from blockprune.toy import (
     ToyPipeline,
 )
 
-# the sandwich rows without healing, which compress's heal_steps="auto" would run on these rectified-flow models
-OLD = {"sandwich_lr": 1e-4, "sandwich_split": 0.5, "sandwich_held_out": 0.2, "heal_steps": 0,  # ~ the old 0.25 of the half
-       "sandwich_steps": 100, "sandwich_eval_every": 10}
-SHORT = {"sandwich_steps": 100, "sandwich_eval_every": 10}  # the defaults before 2026-12-07: 100 steps, a check every 10
+EVERY_TEN = {"sandwich_eval_every": 10}  # a held-out check every 10 steps, the default before 2026-12-07
+SHORT = {"sandwich_steps": 100, **EVERY_TEN}  # and 100 steps per stage
+# the rows without healing say heal_steps=0 (the default now; it was "auto", which healed these rectified-flow models)
+OLD = {"sandwich_lr": 1e-4, "sandwich_split": 0.5, "sandwich_held_out": 0.2,  # held out: ~ the old 0.25 of the half
+       "heal_steps": 0, **SHORT}
 VARIANTS = {  # label -> (sandwich, options)
     "LS only": (False, {}),
     "ST old defaults": (True, OLD),
@@ -55,10 +56,10 @@ VARIANTS = {  # label -> (sandwich, options)
     "ST new + heal 300 full": (True, {"heal_steps": 300, "heal_kept": "full"}),
     # how far sandwich training can go: more steps, an early stop only after many checks without improvement
     "ST 100 steps, patience 10": (True, {"heal_steps": 0, "sandwich_patience": 10, **SHORT}),
-    "ST 300 steps": (True, {"heal_steps": 0, "sandwich_steps": 300, "sandwich_patience": 20, "sandwich_eval_every": 10}),
-    "ST 1000 steps": (True, {"heal_steps": 0, "sandwich_steps": 1000, "sandwich_patience": 20, "sandwich_eval_every": 10}),
+    "ST 300 steps": (True, {"heal_steps": 0, "sandwich_steps": 300, "sandwich_patience": 20, **EVERY_TEN}),
+    "ST 1000 steps": (True, {"heal_steps": 0, "sandwich_steps": 1000, "sandwich_patience": 20, **EVERY_TEN}),
     "ST 1000 steps + heal 100": (True, {"heal_steps": 100, "sandwich_steps": 1000, "sandwich_patience": 20,
-                                        "sandwich_eval_every": 10}),
+                                        **EVERY_TEN}),
 }
 
 
