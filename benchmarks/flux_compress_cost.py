@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import sys
 import time
@@ -30,8 +31,11 @@ import flux_dev
 import blockprune
 from blockprune import plugins
 from blockprune.brll.recording import record_block
-from blockprune.config import ScoringConfig
+from blockprune.config import SandwichConfig, ScoringConfig
 from blockprune.discovery.resolve import resolve_blocks
+from blockprune.progressive import split_indices
+from blockprune.sandwich.guard import probe_steps
+from blockprune.sandwich.training import guard_settings
 from blockprune.scoring.auto import split_for_selection
 from blockprune.scoring.trajectory import trajectory_runs
 
@@ -77,6 +81,7 @@ def least_squares_memory(args, device) -> dict[str, float]:
     return peaks
 
 
+TARGET_SAMPLES = 1024  # the paper's 512 + 512 calibration samples, in batches of one
 SOLVES = {"seconds": 0.0, "count": 0, "in_selection_s": 0.0, "in_selection": 0}
 
 
@@ -109,6 +114,31 @@ def time_the_solves() -> None:
     replacement.fit_affine, progressive.auto_select = timed_fit, noting_select
 
 
+CHECKS = {"seconds": 0.0, "batches": 0, "count": 0}
+
+
+def time_the_checks() -> None:
+    """Time the guard's held-out checks inside sandwich training (``evaluate_span`` as ``train_span`` calls it): they
+    scale with the held-out samples and the checks, not with the training steps."""
+    from blockprune.sandwich import training
+
+    evaluate_span = training.evaluate_span
+
+    def timed_evaluate(modules, span, inputs, targets, device):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        result = evaluate_span(modules, span, inputs, targets, device)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        CHECKS["seconds"] += time.perf_counter() - started
+        CHECKS["batches"] += len(inputs)
+        CHECKS["count"] += 1
+        return result
+
+    training.evaluate_span = timed_evaluate
+
+
 def compress_once(args, device, offload: bool) -> dict:
     gc.collect()  # the previous run's model holds reference cycles: free its GPU memory before this run
     model = build(args, device)
@@ -119,6 +149,7 @@ def compress_once(args, device, offload: bool) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     memory = {"max_gpu_memory": args.max_gpu_memory} if offload and args.max_gpu_memory else {}
     SOLVES.update(seconds=0.0, count=0, in_selection_s=0.0, in_selection=0)
+    CHECKS.update(seconds=0.0, batches=0, count=0)
     started = time.perf_counter()
     blockprune.compress(model, adapter="flux", ratio=0.2, calibration=batches, device=device, offload=offload,
                         progress=False, cache_dir=False, score_batches=args.score_batches,
@@ -139,7 +170,10 @@ def compress_once(args, device, offload: bool) -> dict:
               "evaluations": plan.selection.get("evaluations"), "half_checks": plan.selection.get("half_checks"),
               "finalists": len(plan.selection.get("finalists", {})),
               "offload_visits": plan.offload_visits,
-              "span_error_after": [s.relative_error_after for s in plan.stages]}
+              "span_error_after": [s.relative_error_after for s in plan.stages],
+              "stages": [{"steps_run": s.steps_run, "rates_probed": len(s.lr_errors), "best_step": s.best_step}
+                         for s in plan.stages],
+              "checks_s": CHECKS["seconds"], "check_batches": CHECKS["batches"], "checks": CHECKS["count"]}
     del model
     return result
 
@@ -159,10 +193,14 @@ def _selection_shares(score_batches: int, batch: int, at_least: int) -> tuple[in
 
 
 def extrapolate(row: dict, args) -> dict:
-    """Scale each phase to 512 least-squares + 512 training samples (assumptions in the printout)."""
-    n = args.samples // args.batch  # calibration batches
-    ls_samples = (n - round(0.5 * n)) * args.batch
-    train_samples = args.samples - ls_samples
+    """Scale each phase to the paper's 512 + 512 calibration samples, split as the library splits them (a fifth held
+    out for the guard, the rest fit and train); sandwich training to ``--target-steps`` per stage with the default
+    checks and rate probes, its checks by the held-out samples (assumptions in the printout)."""
+    options = SandwichConfig()
+    ls, _, held = split_indices(args.samples // args.batch, options.split, options.held_out, 0)
+    ls_samples, held_samples = len(ls) * args.batch, len(held) * args.batch
+    ls, _, held = split_indices(TARGET_SAMPLES, options.split, options.held_out, 0)
+    ls_target, held_target = len(ls), len(held)
     phases = row["phases_s"]
     scale = args.target_score_batches / (args.score_batches * args.batch)
     selection = row["selection_s"]
@@ -176,10 +214,13 @@ def extrapolate(row: dict, args) -> dict:
                    + selection["checks"] * draws_target / draws)
     else:
         scoring = phases.get("scoring", 0.0) * scale
-    least_squares = phases.get("least_squares", 0.0) * 512 / ls_samples
-    recording = phases.get("sandwich", 0.0) - row["train_s"]
-    training = row["train_s"] * args.target_steps / (args.steps * args.batch)  # targets count steps of one sample
-    sandwich = recording * 512 / train_samples + training
+    least_squares = phases.get("least_squares", 0.0) * ls_target / ls_samples
+    recording = phases.get("sandwich", 0.0) - row["train_s"]  # mostly the held-out spans, once per stage
+    measured, target = _guard_work(args.steps, row), _guard_work(args.target_steps, None, len(row["stages"]))
+    steps = (row["train_s"] - row["checks_s"]) * target["steps"] / (measured["steps"] * args.batch)
+    per_check = row["checks_s"] / max(1, row["check_batches"] * args.batch)  # one held-out sample through a span
+    checks = per_check * target["checks"] * held_target
+    sandwich = recording * held_target / held_samples + steps + checks
     heal = 0.0
     if row["heal"]:  # training and its checks per step run, the trajectories per step asked; the references once
         trained, states = row["heal"]["seconds"], row["heal"].get("states_seconds", 0.0)
@@ -187,7 +228,20 @@ def extrapolate(row: dict, args) -> dict:
                 + trained * args.target_heal_steps / max(1, row["heal"]["steps_run"] * args.batch)
                 + states * args.target_heal_steps / max(1, row["heal"]["steps"] * args.batch))
     return {"scoring_h": scoring / 3600, "least_squares_h": least_squares / 3600, "sandwich_h": sandwich / 3600,
-            "heal_h": heal / 3600, "total_h": (scoring + least_squares + sandwich + heal) / 3600}
+            "sandwich_steps_h": steps / 3600, "sandwich_checks_h": checks / 3600, "heal_h": heal / 3600,
+            "total_h": (scoring + least_squares + sandwich + heal) / 3600}
+
+
+def _guard_work(steps: int, row: dict | None, stages: int = 0) -> dict[str, int]:
+    """Training steps (every probe included) and held-out checks of all stages: as ``row``'s stages ran, or, without a
+    row, ``stages`` stages of ``steps`` steps at the library's defaults that run to the end (no early stop)."""
+    settings = guard_settings(SandwichConfig(), steps=steps)
+    probe, rates = probe_steps(settings), len(settings.grid) if settings.lr == "auto" else 1
+    if row is not None:
+        return {"steps": sum(s["steps_run"] + max(0, s["rates_probed"] - 1) * probe for s in row["stages"]),
+                "checks": row["checks"]}
+    checks = 1 + (rates if probe else 0) + math.ceil((steps - probe) / settings.eval_every)
+    return {"steps": stages * (steps + (rates - 1) * probe), "checks": stages * checks}
 
 
 def main() -> None:
@@ -196,7 +250,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="samples per calibration batch (--samples must be a multiple)")
     parser.add_argument("--score-batches", type=int, default=2, help="calibration batches used for scoring")
     parser.add_argument("--steps", type=int, default=20, help="sandwich steps per stage in the measured run")
-    parser.add_argument("--lr", default=1e-4, type=lambda v: v if v == "auto" else float(v), help="sandwich_lr")
+    parser.add_argument("--lr", default=SandwichConfig().lr, type=lambda v: v if v == "auto" else float(v),
+                        help="sandwich_lr (default: the library's)")
     parser.add_argument("--importance", default="output_mse", help="output_mse as in the first measurement, or auto")
     parser.add_argument("--heal-steps", type=int, default=0, help="healing steps (both runs)")
     parser.add_argument("--target-heal-steps", type=int, default=300, help="extrapolation: healing steps of one sample")
@@ -212,7 +267,8 @@ def main() -> None:
                         "auto_check_samples (default: the library's); the checks' time is scaled to --target-check-samples")
     parser.add_argument("--target-check-samples", type=int, default=ScoringConfig().auto_check_samples,
                         help="extrapolation: auto_check_samples (a check's cost is proportional to its draws)")
-    parser.add_argument("--target-steps", type=int, default=512, help="extrapolation: sandwich steps of one sample per stage")
+    parser.add_argument("--target-steps", type=int, default=SandwichConfig().steps,
+                        help="extrapolation: sandwich steps of one sample per stage (default: the library's)")
     parser.add_argument("--no-offload", action="store_true", help="skip the offload run")
     parser.add_argument("--no-ls-memory", action="store_true", help="skip the least-squares memory check")
     parser.add_argument("--name", default="flux_compress_cost", help="the JSON file's name in $OUT")
@@ -220,6 +276,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a small FLUX")
     args = parser.parse_args()
     time_the_solves()
+    time_the_checks()
     if args.samples % args.batch:
         parser.error(f"--samples {args.samples} is not a multiple of --batch {args.batch}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -254,8 +311,9 @@ def main() -> None:
         ratios = {k: offloaded["phases_s"].get(k, 0) / plain["phases_s"][k] for k in shared if plain["phases_s"][k]}
         print(f"offload / in memory (same settings): whole {offloaded['wall_s'] / plain['wall_s']:.2f}x; "
               + ", ".join(f"{k} {r:.2f}x" for k, r in ratios.items()))
-    print(f"extrapolation: 512 + 512 samples, {args.target_score_batches} scoring batches, "
-          f"{args.target_steps} sandwich steps per stage, {args.target_heal_steps} healing steps")
+    print(f"extrapolation: 512 + 512 samples (a fifth held out), {args.target_score_batches} scoring "
+          f"batches, {args.target_steps} sandwich steps per stage (rate probes, checks as the defaults run them, no "
+          f"early stop), {args.target_heal_steps} healing steps")
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(args.steps + 1):
         if step % args.every == 0:
             log["evaluations"].append({"step": step, **setting.scores(student, 20)})
-            print(step, {k: round(v, 3) for k, v in log["evaluations"][-1].items()}, flush=True)
+            print(step, {k: round(v, 3) for k, v in log["evaluations"][-1].items() if isinstance(v, float)}, flush=True)
         if step == args.steps:
             break
         if args.source == "student" and (step + 1) % 100 == 0:

@@ -17,6 +17,7 @@ from blockprune.sandwich.guard import (
     check_interval,
     guarded_training,
     learning_rate,
+    probe_steps,
     training_progress,
 )
 from blockprune.sandwich.training import guard_settings
@@ -52,6 +53,17 @@ def test_auto_rate_keeps_the_probe_with_the_lowest_held_out_error():
     assert set(result.lr_errors) == {f"{rate:g}" for rate in LR_GRID}
     assert result.lr == max(LR_GRID)  # the fastest rate gets closest in the probe
     assert result.error_after < result.error_before and not result.reverted
+
+
+@pytest.mark.parametrize("lr, probe", [("auto", 200), (1e-3, 0)])
+def test_probe_steps_are_the_steps_each_rate_trains_before_they_are_compared(lr, probe):
+    weight = torch.nn.Parameter(torch.full((3,), 5.0))
+    settings = guard_settings(SandwichConfig(steps=1000, lr=lr, patience=1000))
+    calls = []
+    result = guarded_training([weight], lambda i: calls.append(i) or ((weight - 1.0) ** 2).sum(),
+                              lambda: float(((weight - 1.0) ** 2).sum()), 4, settings, 0, "test")
+    assert probe_steps(settings) == probe and result.steps_run == 1000  # a fifth of the steps, each rate
+    assert len(calls) == 1000 + (len(LR_GRID) - 1) * probe  # the other rates' probes come on top of the steps
 
 
 def test_best_weights_that_the_accept_check_refuses_give_way_to_the_start():

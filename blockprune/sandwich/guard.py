@@ -158,6 +158,13 @@ def _load(trainable: list[torch.Tensor], values: list[torch.Tensor]) -> None:
             parameter.copy_(value)
 
 
+def probe_steps(settings: GuardSettings) -> int:
+    """Steps each rate of the grid trains from the start before the rates are compared (0: one rate, no probes)."""
+    if settings.lr != "auto" or len(settings.grid) < 2:
+        return 0
+    return min(settings.steps, max(settings.eval_every, settings.steps // 5))
+
+
 def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], torch.Tensor | None],
                      held_error: Callable[[], float], total: int, settings: GuardSettings, seed: int,
                      name: str, accept: Callable[[], bool] | None = None) -> GuardResult:
@@ -170,7 +177,7 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
     error_before = held_error()
     _tell(name, 0, settings.steps, error_before)
     rates = settings.grid if settings.lr == "auto" else (float(settings.lr),)
-    probe = min(settings.steps, max(settings.eval_every, settings.steps // 5)) if len(rates) > 1 else 0
+    probe = probe_steps(settings)
     lr_errors: dict[str, float] = {}
     chosen: tuple[float, _Trainer, list[torch.Tensor]] | None = None
     for rate in rates if probe else ():
