@@ -43,12 +43,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--source", choices=("student", "teacher", "calibration"), default="student")
     parser.add_argument("--lr", type=float, default=3e-5)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", dest="train_steps", type=int, default=300, help="fine-tuning steps")
     parser.add_argument("--every", type=int, default=50, help="steps between evaluations")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "docs/results/heal-states-probe")))
     args = parser.parse_args(argv)
     args.calibration, args.batch_size, args.prompts = 32, 8, 64  # as healing.py
+    args.steps = 20  # the sampler's steps, for the teacher's images as for the student's
     return args
 
 
@@ -103,11 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
     started = time.perf_counter()
-    for step in range(args.steps + 1):
+    for step in range(args.train_steps + 1):
         if step % args.every == 0:
-            log["evaluations"].append({"step": step, **setting.scores(student, 20)})
+            log["evaluations"].append({"step": step, **setting.scores(student, args.steps)})
             print(step, {k: round(v, 3) for k, v in log["evaluations"][-1].items() if isinstance(v, float)}, flush=True)
-        if step == args.steps:
+        if step == args.train_steps:
             break
         if args.source == "student" and (step + 1) % 100 == 0:
             inputs = pool()  # before every 100th step: the states of the model as it is now
