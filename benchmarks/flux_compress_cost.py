@@ -215,7 +215,7 @@ def extrapolate(row: dict, args) -> dict:
     else:
         scoring = phases.get("scoring", 0.0) * scale
     least_squares = phases.get("least_squares", 0.0) * ls_target / ls_samples
-    recording = phases.get("sandwich", 0.0) - row["train_s"]  # mostly the held-out spans, once per stage
+    recording = phases.get("sandwich", 0.0) - row["train_s"]  # once per stage: held-out spans, targets, evaluations
     measured, target = _guard_work(args.steps, row), _guard_work(args.target_steps, None, len(row["stages"]))
     steps = (row["train_s"] - row["checks_s"]) * target["steps"] / (measured["steps"] * args.batch)
     per_check = row["checks_s"] / max(1, row["check_batches"] * args.batch)  # one held-out sample through a span
