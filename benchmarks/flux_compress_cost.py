@@ -85,6 +85,17 @@ TARGET_SAMPLES = 1024  # the paper's 512 + 512 calibration samples, in batches o
 SOLVES = {"seconds": 0.0, "count": 0, "in_selection_s": 0.0, "in_selection": 0}
 
 
+def _synchronized(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` and its wall time in seconds, with the GPU's queue drained before and after."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - started
+
+
 def time_the_solves() -> None:
     """Time each least-squares solve (``fit_affine``) and note how much of it fell inside the selection: a solve
     is of a (d + 1)² system whatever the number of batches, so the extrapolation does not scale it."""
@@ -94,13 +105,8 @@ def time_the_solves() -> None:
     fit_affine, auto_select = replacement.fit_affine, progressive.auto_select
 
     def timed_fit(*args, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        result = fit_affine(*args, **kwargs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        SOLVES["seconds"] += time.perf_counter() - started
+        result, seconds = _synchronized(fit_affine, *args, **kwargs)
+        SOLVES["seconds"] += seconds
         SOLVES["count"] += 1
         return result
 
@@ -125,13 +131,8 @@ def time_the_checks() -> None:
     evaluate_span = training.evaluate_span
 
     def timed_evaluate(modules, span, inputs, targets, device):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        result = evaluate_span(modules, span, inputs, targets, device)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        CHECKS["seconds"] += time.perf_counter() - started
+        result, seconds = _synchronized(evaluate_span, modules, span, inputs, targets, device)
+        CHECKS["seconds"] += seconds
         CHECKS["batches"] += len(inputs)
         CHECKS["count"] += 1
         return result
