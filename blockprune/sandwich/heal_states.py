@@ -48,7 +48,8 @@ def resolve_heal_states(option: str, adapter: Adapter, offloaded: bool) -> str:
 # heal_steps="auto": healing's most steps where it trains on the model's own trajectory. On the project's three models at
 # 10-30 % (3 seeds) it added +0.36 dB over 100-step sandwich training on average (worst cell -0.03, within the
 # evaluation's noise) for about 0.3 H100-hours on FLUX.1-dev; over 1,000-step sandwich training (the default since
-# 2026-12-07) 0 to +0.35 dB, so healing is off unless asked for (docs/results.md)
+# 2026-12-07) -0.10 to +0.35 dB at 20-30 % (+1.1 and +1.5 on two flux-small seeds at 10 %), so healing is off unless
+# asked for (docs/results.md)
 AUTO_HEAL_STEPS = 100
 
 
