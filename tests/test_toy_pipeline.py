@@ -46,6 +46,19 @@ def test_generation_shapes_range_and_determinism(toy_family):
     assert pipe("a red circle", num_images_per_prompt=3, guidance_scale=1.0).images.shape == (3, 3, 32, 32)
 
 
+def test_sample_draws_the_calls_images_and_trains_through_every_step():
+    pipe = tiny_toy_pipeline("flux")
+    prompts = ["a red circle", "two blue squares"]
+    latent = pipe(prompts, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    noise = torch.randn((2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(pipe.sample(noise, prompts, 3, 2.0), latent)
+    pipe.transformer.zero_grad()
+    pipe.sample(noise, prompts, 3, 2.0).square().mean().backward()
+    grads = [p.grad for p in pipe.transformer.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
 def test_evaluate_against_the_teacher_itself():
     pipe = tiny_toy_pipeline()
     prompts, seeds = evaluation_prompts(6, seed=2), list(range(6))

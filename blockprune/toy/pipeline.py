@@ -134,9 +134,19 @@ class ToyPipeline:
         if any(side not in (None, size) for side in (height, width)):
             raise BlockpruneError(f"this toy model draws {size} × {size} images only, got height={height!r}, "
                                   f"width={width!r}; leave them out or pass {size}")
-        x = _noise((len(prompts), 3, size, size), generator).to(self.device, self.dtype)
+        noise = _noise((len(prompts), 3, size, size), generator).to(self.device, self.dtype)
+        x = self.sample(noise, prompts, steps, scale)
+        images = x if output_type == "latent" else ((x.float().clamp(-1, 1) + 1) / 2)
+        return ToyPipelineOutput(images=images)
+
+    def sample(self, noise: torch.Tensor, prompts: list[str], steps: int, guidance_scale: float) -> torch.Tensor:
+        """The images (unclamped; a call clamps them to [-1, 1]) that ``steps`` Euler steps from t = 1 reach from
+        ``noise``, one prompt per image, guided against the empty prompt when ``guidance_scale`` is not 1. Unlike a
+        call, it keeps the autograd graph when gradients are enabled, so a loss on the images trains the transformer
+        through every step."""
+        x = noise
         states, pooled = self.encode_prompt(prompts)
-        guided = scale != 1.0
+        guided = guidance_scale != 1.0
         if guided:
             empty_states, empty_pooled = self.encode_tokens(self.text_encoder.empty_tokens(len(prompts)))
             states, pooled = torch.cat([states, empty_states]), torch.cat([pooled, empty_pooled])
@@ -147,10 +157,9 @@ class ToyPipeline:
             v = velocity(self.transformer, self.config, model_input, t_batch, states, pooled)
             if guided:
                 conditional, unconditional = v.chunk(2)
-                v = unconditional + scale * (conditional - unconditional)
+                v = unconditional + guidance_scale * (conditional - unconditional)
             x = x + (t_next - t) * v
-        images = x if output_type == "latent" else ((x.float().clamp(-1, 1) + 1) / 2)
-        return ToyPipelineOutput(images=images)
+        return x
 
     def save_pretrained(self, directory: str | Path, name: str, metadata: dict[str, Any] | None = None, dtype: torch.dtype = torch.float16) -> dict[str, Path]:
         """Write ``{name}.json`` (config and ``metadata``) and both models as safetensors in ``dtype``."""
