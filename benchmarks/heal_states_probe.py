@@ -100,6 +100,13 @@ def image_loss(teacher, student, prompts: list[str], count: int, steps: int, gen
     return ((student.sample(noise, chosen, steps, scale).float().clamp(-1, 1) - target) ** 2).mean()
 
 
+def write_log(args: argparse.Namespace, log: dict) -> None:
+    """``probe-{model}-{source}-seed{seed}.json`` in ``args.output``: the settings and the evaluations so far."""
+    args.output.mkdir(parents=True, exist_ok=True)
+    path = args.output / f"probe-{args.model}-{args.source}-seed{args.seed}.json"
+    path.write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1) if args.device == "cpu" else torch.backends.cuda.enable_cudnn_sdp(False)
@@ -128,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         if step % args.every == 0:
             log["evaluations"].append({"step": step, **setting.scores(student, args.steps)})
             print(step, {k: round(v, 3) for k, v in log["evaluations"][-1].items() if isinstance(v, float)}, flush=True)
+            log["seconds"] = time.perf_counter() - started
+            write_log(args, log)  # after each evaluation, so a run cut short keeps what it measured
         if step == args.train_steps:
             break
         if args.source == "student" and (step + 1) % 100 == 0:
@@ -145,9 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.nn.utils.clip_grad_norm_(parameters, args.clip)
         optimizer.step()
     log["seconds"] = time.perf_counter() - started
-    args.output.mkdir(parents=True, exist_ok=True)
-    path = args.output / f"probe-{args.model}-{args.source}-seed{args.seed}.json"
-    path.write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
+    write_log(args, log)
     print(f"{'step':>5} {'PSNR':>6} {'SSIM':>6} {'acc':>6} {'frechet':>8}")
     for row in log["evaluations"]:
         print(f"{row['step']:>5} {row['psnr']:6.2f} {row['ssim']:6.3f} {row['accuracy']:6.3f} {row['frechet']:8.3f}")

@@ -58,6 +58,8 @@ VARIANTS = {  # label -> (sandwich, options)
     "ST 100 steps, patience 10": (True, {"heal_steps": 0, "sandwich_patience": 10, **SHORT}),
     "ST 300 steps": (True, {"heal_steps": 0, "sandwich_steps": 300, "sandwich_patience": 20, **EVERY_TEN}),
     "ST 1000 steps": (True, {"heal_steps": 0, "sandwich_steps": 1000, "sandwich_patience": 20, **EVERY_TEN}),
+    "ST 3000 steps": (True, {"heal_steps": 0, "sandwich_steps": 3000}),  # the defaults' check interval and patience
+    "ST new, lr 3e-4": (True, {"heal_steps": 0, "sandwich_lr": 3e-4}),  # the rate the 3000-step probes chose, fixed
     "ST 1000 steps + heal 100": (True, {"heal_steps": 100, "sandwich_steps": 1000, "sandwich_patience": 20,
                                         **EVERY_TEN}),
 }

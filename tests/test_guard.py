@@ -42,7 +42,24 @@ def test_training_that_raises_the_held_out_error_is_reverted_to_the_start():
                               GuardSettings(steps=40, lr=0.1, batch_size=1, eval_every=5, patience=2), 0, "test")
     assert result.reverted and torch.equal(weight.detach(), start)
     assert result.error_after == result.error_before == 0.0
-    assert result.steps_run == 10  # stopped after two checks without improvement
+    assert result.steps_run == 15  # the checks at 5 and 10 fall in the first fifth of the steps (8): two more, stop
+
+
+def test_a_fixed_rate_is_not_stopped_early_in_the_transient_of_its_first_fifth():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    steps = [0]
+
+    def step_loss(index):
+        steps[0] += 1
+        return (weight**2).sum()
+
+    def held_error():  # the start's 1.0, then above it through step 150 (a warm-up's transient), then below, falling
+        return 1.0 if not steps[0] else 2.0 if steps[0] <= 150 else 1.0 / (steps[0] - 150)
+
+    settings = GuardSettings(steps=1000, lr=1e-3, batch_size=1, eval_every=50, patience=3)
+    result = guarded_training([weight], step_loss, held_error, 4, settings, 0, "test")
+    # the checks at 50, 100 and 150 fall in the first fifth (200 steps): they used to stop it at 150, reverted
+    assert not result.reverted and result.best_step == result.steps_run == 1000
 
 
 def test_auto_rate_keeps_the_probe_with_the_lowest_held_out_error():

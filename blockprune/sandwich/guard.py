@@ -2,7 +2,7 @@
 
 Both sandwich stages and the global healing stage train through :func:`guarded_training`. It evaluates the
 held-out error before the first step and every ``eval_every`` steps, keeps the best weights seen, stops once
-``patience`` evaluations in a row bring no improvement, and ends on the best weights, which are the starting
+``patience`` evaluations in a row bring no improvement (counted only after the first fifth of the steps), and ends on the best weights, which are the starting
 ones when training never beat them (or when the caller's ``accept`` check refuses the best). The rate follows a linear warm-up and a cosine decay; with
 ``lr="auto"`` each rate of the grid (:data:`LR_GRID` unless the caller gives another) first trains a short probe from the same start, and the rate whose
 probe reached the lowest held-out error trains on from where its probe ended.
@@ -158,11 +158,17 @@ def _load(trainable: list[torch.Tensor], values: list[torch.Tensor]) -> None:
             parameter.copy_(value)
 
 
+def grace_steps(settings: GuardSettings) -> int:
+    """Steps a training runs before the early stop may end it: a fifth of the steps (the warm-up's transient in
+    them), as long as each rate's probe under ``lr="auto"``, so that a fixed rate is judged as late as a probed one."""
+    return min(settings.steps, max(settings.eval_every, settings.steps // 5))
+
+
 def probe_steps(settings: GuardSettings) -> int:
     """Steps each rate of the grid trains from the start before the rates are compared (0: one rate, no probes)."""
     if settings.lr != "auto" or len(settings.grid) < 2:
         return 0
-    return min(settings.steps, max(settings.eval_every, settings.steps // 5))
+    return grace_steps(settings)
 
 
 def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], torch.Tensor | None],
@@ -196,14 +202,14 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
         error, trainer, weights = chosen
         _load(trainable, weights)
         best_error, best_step, best = (error, probe, weights) if error < error_before else (error_before, 0, start)
-    stale = 0
+    stale, grace = 0, grace_steps(settings)
     while trainer.step < settings.steps and stale < settings.patience:
         trainer.run(min(settings.eval_every, settings.steps - trainer.step))
         error = held_error()
         _tell(name, trainer.step, settings.steps, error)
         if error < best_error:
             best_error, best_step, best, stale = error, trainer.step, _snapshot(trainable), 0
-        else:
+        elif trainer.step > grace:
             stale += 1
     _load(trainable, best)
     cooled = False
