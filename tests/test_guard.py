@@ -42,7 +42,7 @@ def test_training_that_raises_the_held_out_error_is_reverted_to_the_start():
                               GuardSettings(steps=40, lr=0.1, batch_size=1, eval_every=5, patience=2), 0, "test")
     assert result.reverted and torch.equal(weight.detach(), start)
     assert result.error_after == result.error_before == 0.0
-    assert result.steps_run == 15  # the checks at 5 and 10 fall in the first fifth of the steps (8): two more, stop
+    assert result.steps_run == 15  # the check at 5 is within the first fifth (8 steps) and not counted; 10, 15 stop it
 
 
 def test_a_fixed_rate_is_not_stopped_early_in_the_transient_of_its_first_fifth():

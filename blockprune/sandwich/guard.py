@@ -2,8 +2,8 @@
 
 Both sandwich stages and the global healing stage train through :func:`guarded_training`. It evaluates the
 held-out error before the first step and every ``eval_every`` steps, keeps the best weights seen, stops once
-``patience`` evaluations in a row bring no improvement (counted only after the first fifth of the steps), and ends on the best weights, which are the starting
-ones when training never beat them (or when the caller's ``accept`` check refuses the best). The rate follows a linear warm-up and a cosine decay; with
+``patience`` evaluations in a row bring no improvement (counted only after the first fifth of the steps), and ends
+on the best weights, which are the starting ones when training never beat them (or when the caller's ``accept`` check refuses the best). The rate follows a linear warm-up and a cosine decay; with
 ``lr="auto"`` each rate of the grid (:data:`LR_GRID` unless the caller gives another) first trains a short probe from the same start, and the rate whose
 probe reached the lowest held-out error trains on from where its probe ended.
 
