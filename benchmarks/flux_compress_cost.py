@@ -34,7 +34,7 @@ from blockprune.brll.recording import record_block
 from blockprune.config import SandwichConfig, ScoringConfig
 from blockprune.discovery.resolve import resolve_blocks
 from blockprune.progressive import split_indices
-from blockprune.sandwich.guard import probe_steps
+from blockprune.sandwich.guard import probe_cooldown_steps, probe_steps
 from blockprune.sandwich.training import guard_settings
 from blockprune.scoring.auto import split_for_selection
 from blockprune.scoring.trajectory import trajectory_runs
@@ -234,15 +234,19 @@ def extrapolate(row: dict, args) -> dict:
 
 
 def _guard_work(steps: int, row: dict | None, stages: int = 0) -> dict[str, int]:
-    """Training steps (every probe included) and held-out checks of all stages: as ``row``'s stages ran, or, without a
-    row, ``stages`` stages of ``steps`` steps at the library's defaults that run to the end (no early stop)."""
+    """Training steps (every probe and its cool-down included) and held-out checks of all stages: as ``row``'s
+    stages ran, or, without a row, ``stages`` stages of ``steps`` steps at the library's defaults that run to the end
+    (no early stop)."""
     settings = guard_settings(SandwichConfig(), steps=steps)
-    probe, rates = probe_steps(settings), len(settings.grid) if settings.lr == "auto" else 1
+    probe, cool = probe_steps(settings), probe_cooldown_steps(settings)
+    rates = len(settings.grid) if settings.lr == "auto" else 1
     if row is not None:
-        return {"steps": sum(s["steps_run"] + max(0, s["rates_probed"] - 1) * probe for s in row["stages"]),
+        return {"steps": sum(s["steps_run"] + max(0, s["rates_probed"] - 1) * probe + s["rates_probed"] * cool
+                             for s in row["stages"]),
                 "checks": row["checks"]}
-    checks = 1 + (rates if probe else 0) + math.ceil((steps - probe) / settings.eval_every)
-    return {"steps": stages * (steps + (rates - 1) * probe), "checks": stages * checks}
+    probe_checks = rates + (1 if cool else 0) if probe else 0  # a score each, and the chosen one's mid-flight error
+    checks = 1 + probe_checks + math.ceil((steps - probe) / settings.eval_every)
+    return {"steps": stages * (steps + (rates - 1) * probe + rates * cool), "checks": stages * checks}
 
 
 def main() -> None:

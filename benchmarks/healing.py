@@ -16,11 +16,13 @@ accuracy, the checker's Fréchet distance, and wall time. A table is printed las
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ from toy_rows import ADAPTER, Setting, paired_difference, write_rows
 
 import blockprune
 from blockprune.errors import BlockpruneError
+from blockprune.sandwich import guard
 from blockprune.toy import (
     ToyPipeline,
 )
@@ -60,9 +63,23 @@ VARIANTS = {  # label -> (sandwich, options)
     "ST 1000 steps": (True, {"heal_steps": 0, "sandwich_steps": 1000, "sandwich_patience": 20, **EVERY_TEN}),
     "ST 3000 steps": (True, {"heal_steps": 0, "sandwich_steps": 3000}),  # the defaults' check interval and patience
     "ST new, lr 3e-4": (True, {"heal_steps": 0, "sandwich_lr": 3e-4}),  # the rate the 3000-step probes chose, fixed
+    "ST new, probes uncooled": (True, {"heal_steps": 0}),  # the rate probes scored mid-flight, as before 2026-12-07
     "ST 1000 steps + heal 100": (True, {"heal_steps": 100, "sandwich_steps": 1000, "sandwich_patience": 20,
                                         **EVERY_TEN}),
 }
+
+
+UNCOOLED = {"ST new, probes uncooled": 0.0}  # label -> guard.PROBE_COOLDOWN_SHARE for that row
+
+
+@contextlib.contextmanager
+def probe_cooldown_share(share: float) -> Iterator[None]:
+    """Score the ``lr="auto"`` probes after a cool-down of this share of their steps (0: mid-flight, the old rule)."""
+    previous, guard.PROBE_COOLDOWN_SHARE = guard.PROBE_COOLDOWN_SHARE, share
+    try:
+        yield
+    finally:
+        guard.PROBE_COOLDOWN_SHARE = previous
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -117,14 +134,16 @@ def run(args: argparse.Namespace) -> list[dict]:
                 options = {**options, "heal_steps": 3}
             model = copy.deepcopy(pipe)
             started = time.perf_counter()
-            blockprune.compress(model, ratio=ratio, order=order, sandwich=sandwich, **common,
-                                **{**options, **(extra if sandwich else {})})  # --quick's counts win
+            with probe_cooldown_share(UNCOOLED.get(label, guard.PROBE_COOLDOWN_SHARE)):
+                blockprune.compress(model, ratio=ratio, order=order, sandwich=sandwich, **common,
+                                    **{**options, **(extra if sandwich else {})})  # --quick's counts win
             seconds = time.perf_counter() - started
             plan = blockprune.plan(model)
             row = {"model": args.model, "seed": args.seed, "ratio": ratio, "label": label, "compress_s": seconds,
                    "phases_s": plan.seconds, "blocks": order,
                    "stages": [{"before": s.relative_error_before, "after": s.relative_error_after,
-                               "best_step": s.best_step, "steps_run": s.steps_run, "lr": s.lr} for s in plan.stages],
+                               "best_step": s.best_step, "steps_run": s.steps_run, "lr": s.lr, "lr_errors": s.lr_errors}
+                              for s in plan.stages],
                    "heal": plan.heal or None,
                    **setting.scores(model, args.steps)}
             rows.append(row)

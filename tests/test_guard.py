@@ -11,12 +11,14 @@ import blockprune
 from blockprune.config import SandwichConfig
 from blockprune.plan import plan as plan_of
 from blockprune.report import stages_table
+from blockprune.sandwich import guard
 from blockprune.sandwich.guard import (
     LR_GRID,
     GuardSettings,
     check_interval,
     guarded_training,
     learning_rate,
+    probe_cooldown_steps,
     probe_steps,
     training_progress,
 )
@@ -72,15 +74,75 @@ def test_auto_rate_keeps_the_probe_with_the_lowest_held_out_error():
     assert result.error_after < result.error_before and not result.reverted
 
 
-@pytest.mark.parametrize("lr, probe", [("auto", 200), (1e-3, 0)])
-def test_probe_steps_are_the_steps_each_rate_trains_before_they_are_compared(lr, probe):
+@pytest.mark.parametrize("lr, probe, cool", [("auto", 200, 50), (1e-3, 0, 0)])
+def test_probe_steps_are_the_steps_each_rate_trains_before_they_are_compared(lr, probe, cool):
     weight = torch.nn.Parameter(torch.full((3,), 5.0))
     settings = guard_settings(SandwichConfig(steps=1000, lr=lr, patience=1000))
     calls = []
     result = guarded_training([weight], lambda i: calls.append(i) or ((weight - 1.0) ** 2).sum(),
                               lambda: float(((weight - 1.0) ** 2).sum()), 4, settings, 0, "test")
     assert probe_steps(settings) == probe and result.steps_run == 1000  # a fifth of the steps, each rate
-    assert len(calls) == 1000 + (len(LR_GRID) - 1) * probe  # the other rates' probes come on top of the steps
+    assert probe_cooldown_steps(settings) == cool  # a quarter of the probe, each rate, to score it
+    # the other rates' probes and every probe's cool-down come on top of the steps
+    assert len(calls) == 1000 + (len(LR_GRID) - 1) * probe + len(LR_GRID) * cool
+
+
+@pytest.mark.parametrize("share, chosen", [(0.0, 0.01), (guard.PROBE_COOLDOWN_SHARE, 0.1)])
+def test_auto_rate_scores_each_probe_where_it_lands_after_a_cool_down(monkeypatch, share, chosen):
+    monkeypatch.setattr(guard, "PROBE_COOLDOWN_SHARE", share)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    before_step = [weight.detach().clone()]
+
+    def step_loss(index):
+        before_step[0] = weight.detach().clone()
+        return ((weight - 10.0) ** 2).sum()
+
+    def held_error():  # the distance still to go, plus noise that grows with the last step (a high rate mid-flight)
+        return float((10.0 - weight.detach()).abs() + 50 * (weight.detach() - before_step[0]).abs())
+
+    settings = GuardSettings(steps=100, lr="auto", batch_size=1, eval_every=10, patience=3, grid=(0.01, 0.1))
+    result = guarded_training([weight], step_loss, held_error, 4, settings, 0, "test")
+    # mid-flight (share 0) the high rate's last step of ~0.1 costs 5 against the low rate's 0.5, though it went ten
+    # times as far; cooled to a zero rate, both steps shrink and the rate that went further scores lower
+    assert result.lr == chosen
+    assert (result.lr_errors["0.1"] < result.lr_errors["0.01"]) == (chosen == 0.1)
+
+
+def test_a_scored_probe_goes_on_as_if_its_cool_down_had_never_run(monkeypatch):
+    targets = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.0], [2.0, 1.0]])  # the batch order matters
+
+    def final_weights(share: float) -> tuple:
+        monkeypatch.setattr(guard, "PROBE_COOLDOWN_SHARE", share)
+        weight = torch.nn.Parameter(torch.full((2,), 8.0))
+        settings = GuardSettings(steps=60, lr="auto", batch_size=2, eval_every=10, patience=3, grid=(0.01, 0.1))
+        result = guarded_training([weight], lambda i: ((weight - targets[i]) ** 2).sum(),
+                                  lambda: float(((weight.detach() - targets.mean(0)) ** 2).sum()), 4, settings, 0, "t")
+        return result, weight.detach().clone()
+
+    (plain, plain_weights), (scored, scored_weights) = final_weights(0.0), final_weights(0.25)
+    assert plain.lr == scored.lr == 0.1 and plain.best_step == scored.best_step == 60  # the same rate, to the end
+    assert scored.lr_errors != plain.lr_errors  # the probes were scored differently ...
+    assert torch.equal(scored_weights, plain_weights)  # ... and weights, Adam's state and batch order were put back
+
+
+@pytest.mark.parametrize("later, kept", [(0.7, "cooled probe"), (0.4, "later step")])
+def test_the_chosen_rates_cooled_probe_is_kept_when_nothing_after_it_beats_it(later, kept):
+    weight = torch.nn.Parameter(torch.full((3,), 5.0))
+    seen = []
+
+    def held_error():  # the start, each rate's cooled probe, the chosen probe mid-flight, then every later check
+        seen.append(weight.detach().clone())
+        return [1.0, 0.9, 0.5, 0.8][len(seen) - 1] if len(seen) <= 4 else later
+
+    settings = GuardSettings(steps=100, lr="auto", batch_size=1, eval_every=10, patience=3, grid=(0.01, 0.1))
+    result = guarded_training([weight], lambda i: ((weight - 1.0) ** 2).sum(), held_error, 4, settings, 0, "test")
+    assert result.lr == 0.1 and result.lr_errors == {"0.01": 0.9, "0.1": 0.5}
+    assert not torch.equal(seen[2], seen[3])  # the probe went on from before its cool-down
+    if kept == "cooled probe":  # the checks after the probes stayed at 0.7, above the cooled probe's 0.5
+        assert result.best_step == probe_steps(settings) and result.error_after == 0.5
+        assert torch.equal(weight.detach(), seen[2])
+    else:
+        assert result.best_step > probe_steps(settings) and result.error_after == 0.4
 
 
 def test_best_weights_that_the_accept_check_refuses_give_way_to_the_start():

@@ -3,9 +3,14 @@
 Both sandwich stages and the global healing stage train through :func:`guarded_training`. It evaluates the
 held-out error before the first step and every ``eval_every`` steps, keeps the best weights seen, stops once
 ``patience`` evaluations in a row bring no improvement (counted only after the first fifth of the steps), and ends
-on the best weights, which are the starting ones when training never beat them (or when the caller's ``accept`` check refuses the best). The rate follows a linear warm-up and a cosine decay; with
-``lr="auto"`` each rate of the grid (:data:`LR_GRID` unless the caller gives another) first trains a short probe from the same start, and the rate whose
-probe reached the lowest held-out error trains on from where its probe ended.
+on the best weights, which are the starting ones when training never beat them (or when the caller's ``accept``
+check refuses the best). The rate follows a linear warm-up and a cosine decay.
+
+With ``lr="auto"`` each rate of the grid (:data:`LR_GRID` unless the caller gives another) first trains a short
+probe from the same start. A probe is scored where it would land: a copy of it cools down to a zero rate (for a
+quarter of the probe's steps) and is checked, and then the probe is put back as it was. Checked mid-flight at its
+peak rate instead, a fast rate's probe looks worse than it is, and the lowest rate won too often. The best-scored
+rate trains on from its probe, before the cool-down; its cooled copy is kept at the end if nothing after it beat it.
 
 With ``cooldown`` steps (healing's, :data:`COOLDOWN_CHECKS` check intervals), the best weights, found mid-schedule
 at a high rate, then train on at a rate falling linearly from theirs to zero, and what that reaches is checked once
@@ -15,6 +20,7 @@ more and kept if it is lower still.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +33,7 @@ from ..runtime import distributed
 LR_GRID = (1e-4, 3e-4, 1e-3)  # lr="auto": the rates probed, the paper's 1e-4 first
 AUTO_CHECKS = 20  # eval_every="auto": a check every this share of the steps ...
 AUTO_MIN_INTERVAL = 10  # ... but no more often than every this many steps
+PROBE_COOLDOWN_SHARE = 0.25  # lr="auto": each probe is scored after a cool-down of this share of its steps
 COOLDOWN_CHECKS = 2  # healing's cool-down from its best weights: this many check intervals (eval_every steps each)
 WARMUP_SHARE = 0.1  # of the steps, at a linearly rising rate
 FINAL_LR_SHARE = 0.1  # the cosine decays to this share of the peak rate
@@ -115,6 +122,23 @@ class _Trainer:
         for _ in range(steps):
             self._one_step()
 
+    def scheduled_rate(self) -> float:
+        """The rate of the last step taken."""
+        return learning_rate(max(0, self.step - 1), self.settings.steps, self.peak)
+
+    def cooled_copy(self, steps: int, held_error: Callable[[], float]) -> tuple[float, list[torch.Tensor]]:
+        """Held-out error and weights after a cool-down of ``steps`` from here; then everything is put back as it
+        was (weights, optimizer state, batch order, step), so that training goes on as if it had not run."""
+        weights, state = _snapshot(self.trainable), copy.deepcopy(self.optimizer.state_dict())
+        generator, order, step = self.generator.get_state(), list(self.order), self.step
+        self.cool_down(steps, self.scheduled_rate())
+        error, cooled = held_error(), _snapshot(self.trainable)
+        _load(self.trainable, weights)
+        self.optimizer.load_state_dict(state)
+        self.generator.set_state(generator)
+        self.order, self.step = order, step
+        return error, cooled
+
     def cool_down(self, steps: int, rate: float) -> None:
         """``steps`` more steps at a rate falling linearly from ``rate`` towards zero."""
         for k in range(steps):
@@ -171,6 +195,11 @@ def probe_steps(settings: GuardSettings) -> int:
     return grace_steps(settings)
 
 
+def probe_cooldown_steps(settings: GuardSettings) -> int:
+    """Steps of the cool-down each rate's probe gets before it is scored (0 without probes)."""
+    return math.ceil(PROBE_COOLDOWN_SHARE * probe_steps(settings))
+
+
 def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], torch.Tensor | None],
                      held_error: Callable[[], float], total: int, settings: GuardSettings, seed: int,
                      name: str, accept: Callable[[], bool] | None = None) -> GuardResult:
@@ -183,24 +212,26 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
     error_before = held_error()
     _tell(name, 0, settings.steps, error_before)
     rates = settings.grid if settings.lr == "auto" else (float(settings.lr),)
-    probe = probe_steps(settings)
-    lr_errors: dict[str, float] = {}
-    chosen: tuple[float, _Trainer, list[torch.Tensor]] | None = None
+    probe, cool = probe_steps(settings), probe_cooldown_steps(settings)
+    lr_errors: dict[str, float] = {}  # each rate's score: its probe's held-out error after the probe's cool-down
+    chosen: tuple[float, _Trainer, list[torch.Tensor], list[torch.Tensor] | None] | None = None
     for rate in rates if probe else ():
         _load(trainable, start)
         trainer = _Trainer(trainable, step_loss, total, settings, seed, name, rate)
         trainer.run(probe)
-        error = held_error()
-        _tell(name, probe, settings.steps, error)
-        lr_errors[f"{rate:g}"] = error
-        if chosen is None or error < chosen[0]:
-            chosen = (error, trainer, _snapshot(trainable))
+        score, landed = trainer.cooled_copy(cool, held_error) if cool else (held_error(), None)
+        _tell(name, probe, settings.steps, score)
+        lr_errors[f"{rate:g}"] = score
+        if chosen is None or score < chosen[0]:
+            chosen = (score, trainer, _snapshot(trainable), landed)
+    landed = None
     if chosen is None:
         trainer = _Trainer(trainable, step_loss, total, settings, seed, name, rates[0])
         best_error, best_step, best = error_before, 0, start
     else:
-        error, trainer, weights = chosen
+        score, trainer, weights, landed = chosen
         _load(trainable, weights)
+        error = held_error() if landed is not None else score  # mid-flight, as the checks that follow are
         best_error, best_step, best = (error, probe, weights) if error < error_before else (error_before, 0, start)
     stale, grace = 0, grace_steps(settings)
     while trainer.step < settings.steps and stale < settings.patience:
@@ -211,6 +242,8 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
             best_error, best_step, best, stale = error, trainer.step, _snapshot(trainable), 0
         elif trainer.step > grace:
             stale += 1
+    if landed is not None and score < best_error:  # the chosen rate's cooled probe beat all that followed
+        best_error, best_step, best = score, probe, landed
     _load(trainable, best)
     cooled = False
     if settings.cooldown and best_step:
