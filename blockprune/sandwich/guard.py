@@ -122,16 +122,12 @@ class _Trainer:
         for _ in range(steps):
             self._one_step()
 
-    def scheduled_rate(self) -> float:
-        """The rate of the last step taken."""
-        return learning_rate(max(0, self.step - 1), self.settings.steps, self.peak)
-
     def cooled_copy(self, steps: int, held_error: Callable[[], float]) -> tuple[float, list[torch.Tensor]]:
         """Held-out error and weights after a cool-down of ``steps`` from here; then everything is put back as it
         was (weights, optimizer state, batch order, step), so that training goes on as if it had not run."""
         weights, state = _snapshot(self.trainable), copy.deepcopy(self.optimizer.state_dict())
         generator, order, step = self.generator.get_state(), list(self.order), self.step
-        self.cool_down(steps, self.scheduled_rate())
+        self.cool_down(steps, learning_rate(self.step - 1, self.settings.steps, self.peak))  # from the last step's
         error, cooled = held_error(), _snapshot(self.trainable)
         _load(self.trainable, weights)
         self.optimizer.load_state_dict(state)
