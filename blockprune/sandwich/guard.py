@@ -196,6 +196,37 @@ def probe_cooldown_steps(settings: GuardSettings) -> int:
     return math.ceil(PROBE_COOLDOWN_SHARE * probe_steps(settings))
 
 
+@dataclass
+class _Probe:
+    """The best-scored probe: its score, its trainer and weights to go on from, and its cooled copy (if any)."""
+
+    score: float
+    trainer: _Trainer
+    step: int
+    weights: list[torch.Tensor]
+    landed: list[torch.Tensor] | None
+
+
+def _probe_rates(trainable: list[torch.Tensor], step_loss: Callable[[int], torch.Tensor | None],
+                 held_error: Callable[[], float], total: int, settings: GuardSettings, seed: int, name: str,
+                 start: list[torch.Tensor]) -> tuple[dict[str, float], _Probe | None]:
+    """Each rate's score (its probe's held-out error after the probe's cool-down) and the best-scored probe; no
+    probes (``{}``, ``None``) unless ``lr="auto"`` with two rates or more."""
+    probe, cool = probe_steps(settings), probe_cooldown_steps(settings)
+    lr_errors: dict[str, float] = {}
+    chosen: _Probe | None = None
+    for rate in settings.grid if probe else ():
+        _load(trainable, start)
+        trainer = _Trainer(trainable, step_loss, total, settings, seed, name, rate)
+        trainer.run(probe)
+        score, landed = trainer.cooled_copy(cool, held_error) if cool else (held_error(), None)
+        _tell(name, probe, settings.steps, score)
+        lr_errors[f"{rate:g}"] = score
+        if chosen is None or score < chosen.score:
+            chosen = _Probe(score, trainer, probe, _snapshot(trainable), landed)
+    return lr_errors, chosen
+
+
 def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], torch.Tensor | None],
                      held_error: Callable[[], float], total: int, settings: GuardSettings, seed: int,
                      name: str, accept: Callable[[], bool] | None = None) -> GuardResult:
@@ -208,27 +239,16 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
     error_before = held_error()
     _tell(name, 0, settings.steps, error_before)
     rates = settings.grid if settings.lr == "auto" else (float(settings.lr),)
-    probe, cool = probe_steps(settings), probe_cooldown_steps(settings)
-    lr_errors: dict[str, float] = {}  # each rate's score: its probe's held-out error after the probe's cool-down
-    chosen: tuple[float, _Trainer, list[torch.Tensor], list[torch.Tensor] | None] | None = None
-    for rate in rates if probe else ():
-        _load(trainable, start)
-        trainer = _Trainer(trainable, step_loss, total, settings, seed, name, rate)
-        trainer.run(probe)
-        score, landed = trainer.cooled_copy(cool, held_error) if cool else (held_error(), None)
-        _tell(name, probe, settings.steps, score)
-        lr_errors[f"{rate:g}"] = score
-        if chosen is None or score < chosen[0]:
-            chosen = (score, trainer, _snapshot(trainable), landed)
-    landed = None
+    best_error, best_step, best = error_before, 0, start
+    lr_errors, chosen = _probe_rates(trainable, step_loss, held_error, total, settings, seed, name, start)
     if chosen is None:
         trainer = _Trainer(trainable, step_loss, total, settings, seed, name, rates[0])
-        best_error, best_step, best = error_before, 0, start
     else:
-        score, trainer, weights, landed = chosen
-        _load(trainable, weights)
-        error = held_error() if landed is not None else score  # mid-flight, as the checks that follow are
-        best_error, best_step, best = (error, probe, weights) if error < error_before else (error_before, 0, start)
+        trainer = chosen.trainer
+        _load(trainable, chosen.weights)
+        error = held_error() if chosen.landed is not None else chosen.score  # mid-flight, as the checks that follow
+        if error < best_error:
+            best_error, best_step, best = error, chosen.step, chosen.weights
     stale, grace = 0, grace_steps(settings)
     while trainer.step < settings.steps and stale < settings.patience:
         trainer.run(min(settings.eval_every, settings.steps - trainer.step))
@@ -238,8 +258,8 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
             best_error, best_step, best, stale = error, trainer.step, _snapshot(trainable), 0
         elif trainer.step > grace:
             stale += 1
-    if landed is not None and score < best_error:  # the chosen rate's cooled probe beat all that followed
-        best_error, best_step, best = score, probe, landed
+    if chosen is not None and chosen.landed is not None and chosen.score < best_error:  # it beat all that followed
+        best_error, best_step, best = chosen.score, chosen.step, chosen.landed
     _load(trainable, best)
     cooled = False
     if settings.cooldown and best_step:
