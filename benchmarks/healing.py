@@ -63,7 +63,7 @@ VARIANTS = {  # label -> (sandwich, options)
     "ST 1000 steps": (True, {"heal_steps": 0, "sandwich_steps": 1000, "sandwich_patience": 20, **EVERY_TEN}),
     "ST 3000 steps": (True, {"heal_steps": 0, "sandwich_steps": 3000}),  # the defaults' check interval and patience
     "ST new, lr 3e-4": (True, {"heal_steps": 0, "sandwich_lr": 3e-4}),  # the rate the 3000-step probes chose, fixed
-    "ST new, probes uncooled": (True, {"heal_steps": 0}),  # the rate probes scored mid-flight, as before 2026-12-07
+    "ST new, probes uncooled": (True, {"heal_steps": 0}),  # probes scored mid-flight, the rule before their cool-down
     "ST 1000 steps + heal 100": (True, {"heal_steps": 100, "sandwich_steps": 1000, "sandwich_patience": 20,
                                         **EVERY_TEN}),
 }

@@ -86,7 +86,7 @@ def test_on_the_trained_sd3_small_the_heal_that_lowered_psnr_is_not_kept(monkeyp
     """docs/results.md: with 16 batches of 4, healing on the model's own trajectory won the check by 0.5 % and lowered
     teacher PSNR by 0.32 dB (16 prompts, 8 steps) and 0.24 dB (64 prompts, 20 steps); its gain on fresh noise is
     within the noise, so it is refused. That was with the rate probes scored mid-flight (share 0); scored after
-    their cool-down, the probes pick other rates and the heal never beats its start on the check: put back."""
+    their cool-down, every rate's probe lands above the start and nothing later beats it: the guard puts it back."""
     monkeypatch.setattr(guard, "PROBE_COOLDOWN_SHARE", probe_cooldown_share)
     pipe = ToyPipeline.from_pretrained("sd3-small")
     blockprune.compress(pipe, adapter="sd3", ratio=0.25, order=["transformer_blocks.7", "transformer_blocks.6"],
