@@ -202,7 +202,6 @@ class _Probe:
 
     score: float
     trainer: _Trainer
-    step: int
     weights: list[torch.Tensor]
     landed: list[torch.Tensor] | None
 
@@ -223,7 +222,7 @@ def _probe_rates(trainable: list[torch.Tensor], step_loss: Callable[[int], torch
         _tell(name, probe, settings.steps, score)
         lr_errors[f"{rate:g}"] = score
         if chosen is None or score < chosen.score:
-            chosen = _Probe(score, trainer, probe, _snapshot(trainable), landed)
+            chosen = _Probe(score, trainer, _snapshot(trainable), landed)
     return lr_errors, chosen
 
 
@@ -248,7 +247,7 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
         _load(trainable, chosen.weights)
         error = held_error() if chosen.landed is not None else chosen.score  # mid-flight, as the checks that follow
         if error < best_error:
-            best_error, best_step, best = error, chosen.step, chosen.weights
+            best_error, best_step, best = error, probe_steps(settings), chosen.weights
     stale, grace = 0, grace_steps(settings)
     while trainer.step < settings.steps and stale < settings.patience:
         trainer.run(min(settings.eval_every, settings.steps - trainer.step))
@@ -259,7 +258,7 @@ def guarded_training(trainable: list[torch.Tensor], step_loss: Callable[[int], t
         elif trainer.step > grace:
             stale += 1
     if chosen is not None and chosen.landed is not None and chosen.score < best_error:  # it beat all that followed
-        best_error, best_step, best = chosen.score, chosen.step, chosen.landed
+        best_error, best_step, best = chosen.score, probe_steps(settings), chosen.landed
     _load(trainable, best)
     cooled = False
     if settings.cooldown and best_step:
