@@ -17,8 +17,9 @@ from ..discovery.signature import forward_signature
 from ..discovery.spec import Block
 from ..runtime import distributed
 from ..runtime.forward import to_device
+from . import rates
 from .data import ActivationStore, SpanSample
-from .guard import LR_GRID, GuardResult, GuardSettings, check_interval, guarded_training
+from .guard import GuardResult, GuardSettings, check_interval, guarded_training
 
 
 def _call(module: nn.Module, arguments: dict[str, Any], use_checkpoint: bool) -> Any:
@@ -109,12 +110,13 @@ def train_span(modules, span, inputs, targets, held_inputs, held_targets, total,
                             f"sandwich training of block {block_name}")
 
 
-def guard_settings(options: Any, steps: int | None = None, grid: tuple[float, ...] = LR_GRID,
+def guard_settings(options: Any, steps: int | None = None, grid: tuple[float, ...] | None = None,
                    cooldown_checks: int = 0) -> GuardSettings:
     """The guard's settings from a :class:`~blockprune.config.SandwichConfig` (``steps``: other than its own;
-    ``grid``: the rates ``lr="auto"`` probes; ``cooldown_checks``: check intervals of a final decay from the best
-    weights)."""
+    ``grid``: the rates ``lr="auto"`` probes, :data:`~blockprune.sandwich.rates.LR_GRID` if left out;
+    ``cooldown_checks``: check intervals of a final decay from the best weights)."""
     steps = options.steps if steps is None else steps
+    grid = rates.LR_GRID if grid is None else grid
     interval = check_interval(options.eval_every, steps)
-    return GuardSettings(steps, options.lr, options.batch_size, interval, options.patience, grid,
-                         cooldown_checks * interval)
+    return GuardSettings(steps, options.lr, options.batch_size, interval, options.patience, grid=grid,
+                         cooldown=cooldown_checks * interval)
