@@ -239,7 +239,7 @@ def _guard_work(steps: int, row: dict | None, stages: int = 0) -> dict[str, int]
     (no early stop)."""
     settings = guard_settings(SandwichConfig(), steps=steps)
     probe, cool = probe_steps(settings), probe_cooldown_steps(settings)
-    rates = min(len(settings.grid), settings.probes) if settings.lr == "auto" else 1  # at most this many probes
+    rates = len(settings.grid) if settings.lr == "auto" else 1
     if row is not None:
         return {"steps": sum(s["steps_run"] + max(0, s["rates_probed"] - 1) * probe + s["rates_probed"] * cool
                              for s in row["stages"]),

@@ -24,7 +24,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -34,7 +33,7 @@ from toy_rows import ADAPTER, Setting, paired_difference, write_rows
 
 import blockprune
 from blockprune.errors import BlockpruneError
-from blockprune.sandwich import guard, rates
+from blockprune.sandwich import guard
 from blockprune.toy import (
     ToyPipeline,
 )
@@ -65,33 +64,29 @@ VARIANTS = {  # label -> (sandwich, options)
     "ST 3000 steps": (True, {"heal_steps": 0, "sandwich_steps": 3000}),  # the defaults' check interval and patience
     "ST new, lr 3e-4": (True, {"heal_steps": 0, "sandwich_lr": 3e-4}),  # the rate the 3000-step probes chose, fixed
     "ST new, probes uncooled": (True, {"heal_steps": 0}),  # probes scored mid-flight, the rule before their cool-down
-    # lr="auto" probing each of three rates: the grid before the walk up to 3e-3 (the default now), and one step up
-    "ST new, grid 1e-4 to 1e-3": (True, {"heal_steps": 0}),
-    "ST new, grid 3e-4 to 3e-3": (True, {"heal_steps": 0}),
+    "ST new, grid 3e-4 to 3e-3": (True, {"heal_steps": 0}),  # lr="auto" probes 3e-4, 1e-3, 3e-3 instead
     "ST 1000 steps + heal 100": (True, {"heal_steps": 100, "sandwich_steps": 1000, "sandwich_patience": 20,
                                         **EVERY_TEN}),
 }
 
 
-# label -> module settings for that row: guard.PROBE_COOLDOWN_SHARE (0: the lr="auto" probes scored mid-flight, the
-# rule before), rates.LR_GRID (three rates: each is probed, the rule before the walk)
-MODULE_SETTINGS = {"ST new, probes uncooled": {guard: {"PROBE_COOLDOWN_SHARE": 0.0}},
-                   "ST new, grid 1e-4 to 1e-3": {rates: {"LR_GRID": (1e-4, 3e-4, 1e-3)}},
-                   "ST new, grid 3e-4 to 3e-3": {rates: {"LR_GRID": (3e-4, 1e-3, 3e-3)}}}
+# label -> guard module settings for that row: PROBE_COOLDOWN_SHARE (0: the lr="auto" probes scored mid-flight, the
+# rule before), LR_GRID (the rates the probes try)
+GUARD_SETTINGS = {"ST new, probes uncooled": {"PROBE_COOLDOWN_SHARE": 0.0},
+                  "ST new, grid 3e-4 to 3e-3": {"LR_GRID": (3e-4, 1e-3, 3e-3)}}
 
 
 @contextlib.contextmanager
-def module_settings(settings: dict[Any, dict[str, object]]) -> Iterator[None]:
-    """Set module attributes (``{module: {name: value}}``) for one row; put them back afterwards."""
-    previous = {(module, name): getattr(module, name) for module, values in settings.items() for name in values}
-    for module, values in settings.items():
-        for name, value in values.items():
-            setattr(module, name, value)
+def guard_module_settings(**values: object) -> Iterator[None]:
+    """Set ``blockprune.sandwich.guard`` module settings for one row; put them back afterwards."""
+    previous = {name: getattr(guard, name) for name in values}
+    for name, value in values.items():
+        setattr(guard, name, value)
     try:
         yield
     finally:
-        for (module, name), value in previous.items():
-            setattr(module, name, value)
+        for name, value in previous.items():
+            setattr(guard, name, value)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -146,7 +141,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 options = {**options, "heal_steps": 3}
             model = copy.deepcopy(pipe)
             started = time.perf_counter()
-            with module_settings(MODULE_SETTINGS.get(label, {})):
+            with guard_module_settings(**GUARD_SETTINGS.get(label, {})):
                 blockprune.compress(model, ratio=ratio, order=order, sandwich=sandwich, **common,
                                     **{**options, **(extra if sandwich else {})})  # --quick's counts win
             seconds = time.perf_counter() - started

@@ -86,7 +86,7 @@ class SandwichConfig:
 
     width: int = 3  # 1: linear layers alone; 3: + nearest unreplaced neighbours (paper); 5: two per side
     steps: int = 1000  # optimizer steps per stage at most (the held-out guard may stop it earlier)
-    lr: float | str = "auto"  # AdamW peak rate, or "auto": the best-landing of short probes walking LR_GRID
+    lr: float | str = "auto"  # AdamW peak rate, or "auto": the best-landing short probe of each LR_GRID rate
     batch_size: int = 1  # calibration batches per optimizer step (gradients accumulated)
     split: float = 1.0  # share of the batches not held out that train; the least squares fit on all of them
     held_out: float = 0.2  # share of the calibration batches held out: the guard's check and the report

@@ -9,18 +9,20 @@ from rich.console import Console
 
 import blockprune
 from blockprune.config import SandwichConfig
+from blockprune.errors import SandwichDivergedError
 from blockprune.plan import plan as plan_of
 from blockprune.report import stages_table
 from blockprune.sandwich import guard
 from blockprune.sandwich.guard import (
+    LR_GRID,
     GuardSettings,
     check_interval,
     guarded_training,
+    learning_rate,
     probe_cooldown_steps,
     probe_steps,
     training_progress,
 )
-from blockprune.sandwich.rates import LR_GRID, PROBES, learning_rate, next_rate
 from blockprune.sandwich.training import guard_settings
 
 FAST = {"progress": False, "cache_dir": False, "importance": "fit_residual"}
@@ -68,46 +70,33 @@ def test_auto_rate_keeps_the_probe_with_the_lowest_held_out_error():
     result = guarded_training([weight], lambda i: ((weight - 1.0) ** 2).sum(),
                               lambda: float(((weight - 1.0) ** 2).sum()), 4,
                               GuardSettings(steps=50, lr="auto", batch_size=1, eval_every=5, patience=3), 0, "test")
-    # the two middle rates, then the walk up: the fastest rate gets closest in the probe
-    assert set(result.lr_errors) == {"0.0003", "0.001", "0.003"} and result.lr == max(LR_GRID) == 3e-3
+    assert set(result.lr_errors) == {f"{rate:g}" for rate in LR_GRID}
+    assert result.lr == max(LR_GRID)  # the fastest rate gets closest in the probe
     assert result.error_after < result.error_before and not result.reverted
 
 
-def test_auto_rate_walks_from_the_middle_of_the_grid_towards_the_better_rate_until_it_is_bracketed():
-    grid = (1e-4, 3e-4, 1e-3, 3e-3)
-    assert next_rate(grid, 3, {}) == 3e-4 and next_rate(grid, 3, {3e-4: 1.0}) == 1e-3
-    assert next_rate(grid, 3, {3e-4: 1.0, 1e-3: 0.5}) == 3e-3  # the higher is better: one step up
-    assert next_rate(grid, 3, {3e-4: 0.5, 1e-3: 1.0}) == 1e-4  # the lower is better: one step down
-    assert next_rate(grid, 3, {3e-4: 0.5, 1e-3: 1.0, 1e-4: 0.2}) is None  # the probes are spent
-    wide = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
-    assert next_rate(wide, 5, {1e-4: 1.0, 3e-4: 0.5, 1e-3: 0.8}) is None  # bracketed: 3e-4 beats both neighbours
-    assert next_rate(wide, 5, {1e-4: 1.0, 3e-4: 0.5, 1e-3: 0.4}) == 3e-3  # still at the top: on up
-    assert next_rate(wide, 5, {1e-4: 0.9, 3e-4: 0.5, 1e-3: 0.4, 3e-3: 0.1}) is None  # the grid's top: walk ended
-    assert next_rate(wide, 5, {1e-4: 0.1, 3e-4: 0.5, 1e-3: 0.4}) == 3e-5  # the lowest probed best: on down
-    assert [next_rate((1, 2, 3), 3, dict.fromkeys(range(1, k), 0.0)) for k in (1, 2, 3, 4)] == [1, 2, 3, None]
-
-
-def test_auto_rate_walks_down_when_the_lower_middle_rate_wins():
-    weight = torch.nn.Parameter(torch.zeros(1))
-
-    def held_error():  # a rate above 1e-4 overshoots: the lower the rate, the lower the error
-        return float((weight - 1e-3).abs().sum())
-
-    settings = GuardSettings(steps=50, lr="auto", batch_size=1, eval_every=5, patience=3)
-    result = guarded_training([weight], lambda i: -weight.sum(), held_error, 4, settings, 0, "test")
-    assert set(result.lr_errors) == {"0.0001", "0.0003", "0.001"} and result.lr == 1e-4
-
-
-def test_a_probe_whose_loss_diverges_loses_and_the_walk_goes_on():
+def test_a_probe_whose_loss_diverges_loses_and_the_other_rates_go_on():
     weight = torch.nn.Parameter(torch.zeros(1))
 
     def step_loss(index):  # past 5 the loss is NaN: only the fastest rate's steps get there
         return ((weight - 3.0) ** 2).sum() if weight.item() < 5.0 else weight.sum() * float("nan")
 
-    settings = GuardSettings(steps=50, lr="auto", batch_size=1, eval_every=5, patience=3, grid=(0.01, 0.1, 1.0, 10.0))
+    settings = GuardSettings(steps=50, lr="auto", batch_size=1, eval_every=5, patience=3, grid=(0.1, 10.0, 1.0))
     result = guarded_training([weight], step_loss, lambda: float(((weight - 3.0) ** 2).sum()), 4, settings, 0, "test")
-    assert result.lr_errors["10"] == float("inf") and result.lr == 1.0  # 1.0 beat 0.1, then 10 diverged
-    assert result.error_after < result.error_before and torch.isfinite(weight).all()
+    assert result.lr_errors["10"] == float("inf") and set(result.lr_errors) == {"0.1", "10", "1"}
+    assert result.lr == 1.0 and result.error_after < result.error_before and torch.isfinite(weight).all()
+
+
+def test_when_every_probe_diverges_the_first_rate_runs_from_the_start_and_says_so():
+    weight = torch.nn.Parameter(torch.zeros(1))
+
+    def step_loss(index):  # NaN from 0.5 on, which each rate's third step reaches from the start
+        return ((weight - 3.0) ** 2).sum() if weight.item() < 0.5 else weight.sum() * float("nan")
+
+    settings = GuardSettings(steps=50, lr="auto", batch_size=1, eval_every=5, patience=3, grid=(1.0, 2.0))
+    # at step 2: from the start again, not from where the last probe diverged (that would fail at step 0)
+    with pytest.raises(SandwichDivergedError, match="at step 2, rate 1"):
+        guarded_training([weight], step_loss, lambda: 0.0, 4, settings, 0, "test")
 
 
 @pytest.mark.parametrize("lr, probe, cool", [("auto", 200, 50), (1e-3, 0, 0)])
@@ -120,8 +109,7 @@ def test_probe_steps_are_the_steps_each_rate_trains_before_they_are_compared(lr,
     assert probe_steps(settings) == probe and result.steps_run == 1000  # a fifth of the steps, each rate
     assert probe_cooldown_steps(settings) == cool  # a quarter of the probe, each rate, to score it
     # the other rates' probes and every probe's cool-down come on top of the steps
-    rates = PROBES if probe else 1  # here the walk runs to its end
-    assert len(calls) == 1000 + (rates - 1) * probe + rates * cool
+    assert len(calls) == 1000 + (len(LR_GRID) - 1) * probe + len(LR_GRID) * cool
 
 
 @pytest.mark.parametrize("share, chosen", [(0.0, 0.01), (guard.PROBE_COOLDOWN_SHARE, 0.1)])
@@ -277,7 +265,6 @@ def test_healing_never_raises_the_held_out_output_error_and_is_reported():
     assert len(heal["lora_blocks"]) == 3 and len(heal["surrogates"]) == 2
     assert not any("lora" in name for name in model.state_dict())  # merged
     assert heal["steps_run"] == 20 + 2 * 5  # the steps, then a cool-down of two check intervals from the best
-    assert set(heal["lr_errors"]) == {"0.0001", "0.0003", "0.001"}  # LoRA healing probes each rate, no walk to 3e-3
     assert heal["cooled"] == (heal["best_step"] == 30)
     assert ("(after its cool-down)" in stages_table(plan_of(model)).caption) == heal["cooled"]
 

@@ -32,8 +32,7 @@ SANDWICH_HELP = {
     "width": "blocks trained per stage: 1 the linear layers alone, 3 with the nearest unreplaced block on each "
     "side (the paper), 5 with two on each side",
     "steps": "optimizer steps per stage at most (the held-out guard may stop earlier)",
-    "lr": "AdamW peak rate, or auto: the best of three short probes, at 3e-4 and 1e-3 and then one step beyond the "
-    "better (3e-3 or 1e-4), each scored after a cool-down",
+    "lr": "AdamW peak rate, or auto: the best of short probes at 1e-4, 3e-4 and 1e-3, each scored after a cool-down",
     "batch_size": "calibration batches per optimizer step",
     "split": "share of the batches not held out that train (the least squares fit on all of them)",
     "held_out": "share of the calibration batches held out: the guard's check and the before/after report",

@@ -6,12 +6,12 @@ held-out error before the first step and every ``eval_every`` steps, keeps the b
 on the best weights, which are the starting ones when training never beat them (or when the caller's ``accept``
 check refuses the best). The rate follows a linear warm-up and a cosine decay.
 
-With ``lr="auto"`` rates of the grid (:data:`~.rates.LR_GRID` unless the caller gives another) each first train a
-short probe from the same start, chosen as :func:`~.rates.next_rate` says (sandwich training: 3e-4 and 1e-3, then
-one step beyond the better, 3e-3 or 1e-4). A probe is scored where it would land: a copy of it cools down to a zero rate
-(for a quarter of the probe's steps) and is checked, and the probe is put back as it was. Checked mid-flight at its
-peak rate, a fast rate's probe looks worse than it is, and the lowest rate won too often. The best-scored rate
-trains on from its probe, before the cool-down; its cooled copy is kept at the end if nothing after it beat it.
+With ``lr="auto"`` each rate of the grid (:data:`LR_GRID` unless the caller gives another) first trains a short
+probe from the same start; a probe whose loss turns NaN or Inf loses, and the other rates go on. A probe is scored
+where it would land: a copy of it cools down to a zero rate (for a quarter of the probe's steps) and is checked, and
+then the probe is put back as it was. Checked mid-flight at its peak rate instead, a fast rate's probe looks worse
+than it is, and the lowest rate won too often. The best-scored rate trains on from its probe, before the cool-down;
+its cooled copy is kept at the end if nothing after it beat it.
 
 With ``cooldown`` steps (healing's, :data:`COOLDOWN_CHECKS` check intervals), the best weights, found mid-schedule
 at a high rate, then train on at a rate falling linearly from theirs to zero, and what that reaches is checked once
@@ -30,12 +30,14 @@ import torch
 
 from ..errors import SandwichDivergedError
 from ..runtime import distributed
-from .rates import LR_GRID, PROBES, learning_rate, next_rate
 
+LR_GRID = (1e-4, 3e-4, 1e-3)  # lr="auto": the rates probed, the paper's 1e-4 first
 AUTO_CHECKS = 20  # eval_every="auto": a check every this share of the steps ...
 AUTO_MIN_INTERVAL = 10  # ... but no more often than every this many steps
 PROBE_COOLDOWN_SHARE = 0.25  # lr="auto": each probe is scored after a cool-down of this share of its steps
 COOLDOWN_CHECKS = 2  # healing's cool-down from its best weights: this many check intervals (eval_every steps each)
+WARMUP_SHARE = 0.1  # of the steps, at a linearly rising rate
+FINAL_LR_SHARE = 0.1  # the cosine decays to this share of the peak rate
 # (what trains, step, steps, held-out error) after each check; the steps grow by a cool-down that runs past them
 Listener = Callable[[str, int, int, float], None]
 _listener: Listener | None = None
@@ -66,8 +68,7 @@ class GuardSettings:
     batch_size: int
     eval_every: int
     patience: int
-    grid: tuple[float, ...] = LR_GRID  # the rates lr="auto" may probe, ascending; it probes at most `probes`
-    probes: int = PROBES
+    grid: tuple[float, ...] = LR_GRID  # the rates lr="auto" probes
     cooldown: int = 0  # steps from the best weights at a rate falling to zero, after the steps (0: none)
 
 
@@ -95,6 +96,15 @@ def check_interval(eval_every: int | str, steps: int) -> int:
     check passes over every held-out batch, which costs more than a few steps of training; with fewer steps the
     best weights want finer checks)."""
     return max(AUTO_MIN_INTERVAL, steps // AUTO_CHECKS) if eval_every == "auto" else eval_every
+
+
+def learning_rate(step: int, steps: int, peak: float) -> float:
+    """The rate of optimizer step ``step`` (0-based) of ``steps``: linear warm-up, then cosine decay."""
+    warmup = max(1, round(WARMUP_SHARE * steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (FINAL_LR_SHARE + (1 - FINAL_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class _Trainer:
@@ -177,7 +187,7 @@ def grace_steps(settings: GuardSettings) -> int:
 
 def probe_steps(settings: GuardSettings) -> int:
     """Steps each rate of the grid trains from the start before the rates are compared (0: one rate, no probes)."""
-    if settings.lr != "auto" or min(len(settings.grid), settings.probes) < 2:
+    if settings.lr != "auto" or len(settings.grid) < 2:
         return 0
     return grace_steps(settings)
 
@@ -200,23 +210,22 @@ class _Probe:
 def _probe_rates(trainable: list[torch.Tensor], step_loss: Callable[[int], torch.Tensor | None],
                  held_error: Callable[[], float], total: int, settings: GuardSettings, seed: int, name: str,
                  start: list[torch.Tensor]) -> tuple[dict[str, float], _Probe | None]:
-    """Each probed rate's score (its probe's held-out error after the probe's cool-down) and the best-scored probe;
-    no probes (``{}``, ``None``) unless ``lr="auto"`` with two rates or more."""
+    """Each rate's score (its probe's held-out error after the probe's cool-down; ``inf`` if its loss diverged)
+    and the best-scored probe; no probes (``{}``, ``None``) unless ``lr="auto"`` with two rates or more."""
     probe, cool = probe_steps(settings), probe_cooldown_steps(settings)
     lr_errors: dict[str, float] = {}
-    scores: dict[float, float] = {}
     chosen: _Probe | None = None
-    while probe and (rate := next_rate(settings.grid, settings.probes, scores)) is not None:
+    for rate in settings.grid if probe else ():
         _load(trainable, start)
         trainer = _Trainer(trainable, step_loss, total, settings, seed, name, rate)
         try:
             trainer.run(probe)
-        except SandwichDivergedError:  # too high a rate for this training: it loses, and the walk goes on
-            lr_errors[f"{rate:g}"] = scores[rate] = math.inf
+        except SandwichDivergedError:  # too high a rate for this training: it loses, the other rates go on
+            lr_errors[f"{rate:g}"] = math.inf
             continue
         score, landed = trainer.cooled_copy(cool, held_error) if cool else (held_error(), None)
         _tell(name, probe, settings.steps, score)
-        lr_errors[f"{rate:g}"] = scores[rate] = score
+        lr_errors[f"{rate:g}"] = score
         if chosen is None or score < chosen.score:
             chosen = _Probe(score, trainer, _snapshot(trainable), landed)
     return lr_errors, chosen

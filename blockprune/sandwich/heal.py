@@ -33,7 +33,7 @@ from ..runtime.forward import forward_batch, model_device, output_tensor, to_dev
 from ..runtime.offload import Offload
 from ..scoring.guidance import Guidance
 from .blockwise import blockwise_backward, checkpointed_blocks
-from .guard import COOLDOWN_CHECKS, guarded_training
+from .guard import COOLDOWN_CHECKS, LR_GRID, guarded_training
 from .heal_check import HeldCheck, HeldReference, fresh_check, guard_check
 from .lora import add_lora, merge_lora, remove_lora
 from .training import autocast, guard_settings, training_attention
@@ -71,11 +71,8 @@ class HealReport:
         return self.best_step == 0
 
 
-# lr="auto" for healing's LoRA: each rate probed (sandwich training's walk up to 3e-3 is not used here: rates past
-# this grid's edges were tried for healing and lost, docs/results.md "Healing's rates probed beyond the grid's edge")
-LORA_LR_GRID = (1e-4, 3e-4, 1e-3)
-# with heal_kept="full": a tenth of LoRA's grid. AdamW moves each trained weight by about the rate per step; a LoRA
-# update starts at zero and is a rank-r product, a full weight is the trained model's own
+# lr="auto" with heal_kept="full": a tenth of LoRA's grid. AdamW moves each trained weight by about the rate per
+# step; a LoRA update starts at zero and is a rank-r product, a full weight is the trained model's own
 FULL_LR_GRID = (1e-5, 3e-5, 1e-4)
 
 
@@ -117,7 +114,7 @@ def heal(model: nn.Module, adapter: Adapter, kept: list[str], surrogates: list[s
             model.requires_grad_(False)
             lora_blocks = _make_trainable(modules, adapter, kept, surrogates, options)
             trainable = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-            settings = guard_settings(options, steps=options.heal_steps, grid=FULL_LR_GRID if full else LORA_LR_GRID,
+            settings = guard_settings(options, steps=options.heal_steps, grid=FULL_LR_GRID if full else LR_GRID,
                                       cooldown_checks=COOLDOWN_CHECKS)
             with _backward_memory(offload, trainable, list(modules.values()), options, device), \
                     _float32_calls({modules[name]: before.dtypes[name] for name in full}):

@@ -17,7 +17,7 @@ from ..discovery.signature import forward_signature
 from ..discovery.spec import Block
 from ..runtime import distributed
 from ..runtime.forward import to_device
-from . import rates
+from . import guard
 from .data import ActivationStore, SpanSample
 from .guard import GuardResult, GuardSettings, check_interval, guarded_training
 
@@ -113,10 +113,10 @@ def train_span(modules, span, inputs, targets, held_inputs, held_targets, total,
 def guard_settings(options: Any, steps: int | None = None, grid: tuple[float, ...] | None = None,
                    cooldown_checks: int = 0) -> GuardSettings:
     """The guard's settings from a :class:`~blockprune.config.SandwichConfig` (``steps``: other than its own;
-    ``grid``: the rates ``lr="auto"`` probes, :data:`~blockprune.sandwich.rates.LR_GRID` if left out;
+    ``grid``: the rates ``lr="auto"`` probes, :data:`~blockprune.sandwich.guard.LR_GRID` if left out;
     ``cooldown_checks``: check intervals of a final decay from the best weights)."""
     steps = options.steps if steps is None else steps
-    grid = rates.LR_GRID if grid is None else grid
+    grid = guard.LR_GRID if grid is None else grid
     interval = check_interval(options.eval_every, steps)
     return GuardSettings(steps, options.lr, options.batch_size, interval, options.patience, grid=grid,
                          cooldown=cooldown_checks * interval)
